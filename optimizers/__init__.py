@@ -1,0 +1,22 @@
+"""Architecture optimizers for weight-sharing NAS: GAEA's exponentiated gradient, and the
+DARTS (first order), GDAS and random-search baselines, behind one interface and one search
+step that a plain PyTorch loop or a Determined trial drives.
+
+    import optimizers
+    arch = optimizers.create("gaea", supernet, {"lr": 0.1})
+    optimizers.search_step(supernet, arch, x_train, y_train, x_val, y_val, weight_step=step_fn)
+
+No Determined import here.
+"""
+from .architecture import (ArchitectureOptimizer, Darts, Gaea, GaeaGdas, Gdas, RandomSearch, create, entropy_stats,
+                           get, names, register)
+from .eg import ExponentiatedGradient
+from .search import NonFiniteLossError, StepResult, search_step
+from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings, from_mapping
+
+__all__ = [
+    "ArchitectureOptimizer", "Darts", "DartsSettings", "ExponentiatedGradient", "Gaea", "GaeaGdas",
+    "GaeaGdasSettings", "GaeaSettings", "Gdas", "GdasSettings", "NonFiniteLossError", "RandomSearch",
+    "RandomSettings", "StepResult", "create", "entropy_stats", "from_mapping", "get", "names", "register",
+    "search_step",
+]

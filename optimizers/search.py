@@ -1,0 +1,108 @@
+"""One search step, framework-agnostic: the caller passes its own backward and weight-step
+functions (a plain loop passes ``loss.backward`` and an optimizer step; the Determined trial
+passes ``context.backward`` and ``context.step_optimizer``).
+
+Bilevel (default): an architecture step on a held-out batch, then a weight step on a
+training batch. Single-level: one training batch's loss updates both.
+
+* The architecture step computes gradients for the architecture parameters only
+  (``backward(inputs=...)``), and under DistributedDataParallel runs in ``no_sync`` with the
+  architecture gradients averaged by ``ArchitectureOptimizer.sync_grads``. Nothing toggles
+  ``requires_grad``.
+* The weight step detaches the architecture weights, so no architecture gradient is computed.
+* A non-finite loss raises :class:`NonFiniteLossError` before any parameter changes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .architecture import ArchitectureOptimizer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss is NaN or infinite; raised before the update, so no bad state is stored."""
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor                   # weight-step (training batch) loss, detached
+    accuracy: torch.Tensor               # training-batch top-1 accuracy
+    arch_loss: Optional[torch.Tensor]    # architecture-step (held-out batch) loss, bilevel only
+
+
+def _check_finite(loss: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(f"{what} is {loss.item()}: stopping before the update so no bad checkpoint is "
+                                 "written; lower the learning rate or check the data")
+
+
+def _no_sync(model: nn.Module):
+    return model.no_sync() if hasattr(model, "no_sync") and isinstance(
+        model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+
+def _zero_touch(logits: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Make ``params`` part of the graph at zero cost and zero value (for DDP buckets)."""
+    if not params:
+        return logits
+    return logits + sum(p.reshape(-1)[0] for p in params) * 0.0
+
+
+def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Tensor, y_train: torch.Tensor,
+                x_val: Optional[torch.Tensor] = None, y_val: Optional[torch.Tensor] = None, *,
+                weight_step: Callable[[], None], weight_backward: Callable[[torch.Tensor], None] = None,
+                bilevel: bool = True, criterion: Callable = F.cross_entropy,
+                ddp_unused: bool = False) -> StepResult:
+    """Run one search step.
+
+    Args:
+        model: the supernet, possibly wrapped in DistributedDataParallel.
+        arch: the architecture optimizer (owns the architecture parameters of ``model``).
+        weight_step: clips, steps and zeroes the weight optimizer (e.g. ``context.step_optimizer``).
+        weight_backward: backward for the weight loss (default ``loss.backward()``).
+        bilevel: architecture step on ``(x_val, y_val)`` first; else single-level.
+        ddp_unused: the model is DDP-wrapped and the optimizer samples architectures: route
+            the ops left out of this step's sample through the graph at zero cost (DDP
+            requires every parameter to get a gradient) and drop their zero gradients
+            again, so the update is that of the single-process run.
+    """
+    weight_backward = weight_backward or (lambda loss: loss.backward())
+    supernet = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    arch_loss = None
+
+    if bilevel and arch.learns:
+        if x_val is None or y_val is None:
+            raise ValueError("bilevel search needs a held-out batch (x_val, y_val)")
+        with _no_sync(model):
+            logits = model(x_val, arch.weights())
+            arch_loss = criterion(logits, y_val)
+            _check_finite(arch_loss, "architecture loss")
+            torch.autograd.backward(arch_loss, inputs=arch.parameters())
+        arch.sync_grads()
+        arch.step()
+        arch.zero_grad()
+        arch_loss = arch_loss.detach()
+
+    single = not bilevel and arch.learns
+    weights = arch.weights(detach=not single)
+    unused = supernet.inactive_parameters(weights) if ddp_unused else []
+    logits = model(x_train, weights)
+    loss = criterion(_zero_touch(logits, unused), y_train)
+    _check_finite(loss, "training loss")
+    weight_backward(loss)
+    for p in unused:
+        p.grad = None
+    if single:
+        arch.sync_grads()
+        arch.step()
+        arch.zero_grad()
+    weight_step()
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == y_train).float().mean()
+    return StepResult(loss=loss.detach(), accuracy=accuracy, arch_loss=arch_loss)
