@@ -72,6 +72,8 @@ class ExponentiatedGradient(Optimizer):
                 self._check_row_length(p, floor)
                 state = self.state[p]
                 state["step"] = state.get("step", 0) + 1
+                if lr == 0:  # nothing moves (and no rounding of the row either)
+                    continue
                 g = -p.grad if group["maximize"] else p.grad
                 log_theta = torch.log(p)
                 if lam:

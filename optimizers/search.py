@@ -32,7 +32,7 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass
 class StepResult:
     loss: torch.Tensor                   # weight-step (training batch) loss, detached
-    accuracy: torch.Tensor               # training-batch top-1 accuracy
+    accuracy: Optional[torch.Tensor]     # training-batch top-1 accuracy (class labels only)
     arch_loss: Optional[torch.Tensor]    # architecture-step (held-out batch) loss, bilevel only
 
 
@@ -103,6 +103,8 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         arch.step()
         arch.zero_grad()
     weight_step()
-    with torch.no_grad():
-        accuracy = (logits.argmax(-1) == y_train).float().mean()
+    accuracy = None
+    if not y_train.is_floating_point():
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == y_train).float().mean()
     return StepResult(loss=loss.detach(), accuracy=accuracy, arch_loss=arch_loss)
