@@ -1,0 +1,105 @@
+"""The experiment's ``data:`` section as a typed config, and the datasets it builds."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from optimizers.settings import from_mapping
+
+from .pipeline import Augment, ImageDataset, PairedDataset, split_indices, subset_indices
+from .sources import DataError, ImageSet, load, stats_for
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"            # cifar10 | cifar100 | image_folder | imagenet16-120 | digits
+    root: Optional[str] = None          # directory or .tar.gz; relative paths are from the working directory
+    download: bool = False              # torchvision download (CIFAR only), where the network allows
+    fallback: Optional[str] = None      # dataset to use (with a notice) when root does not exist, e.g. digits
+    subset: Optional[int] = None        # use a seeded random subset of this many training images
+    test_subset: Optional[int] = None   # ... and of this many test images (retraining)
+    image_size: Optional[int] = None    # resize image-folder images to this square size
+    cache_dir: Optional[str] = None     # decoded-array cache (default $NAS_DATA_CACHE or ~/.cache/gaea-nas)
+    num_workers: int = 0                # data loader worker processes
+    train_fraction: float = 0.5         # search: share of the training set for the weights (rest: architecture)
+    val_fraction: float = 0.1           # retraining: share of the training set held out for model selection
+    crop_padding: int = 4               # random-crop padding (0 disables cropping)
+
+    @classmethod
+    def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "DataConfig":
+        return from_mapping(cls, values, "the data section")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.train_fraction < 1.0 or not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("data.train_fraction and data.val_fraction must be in (0, 1)")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+
+    def resolved(self) -> "DataConfig":
+        """Apply ``fallback`` when ``root`` is missing."""
+        if self.fallback and self.dataset != "digits" and not (self.root and Path(self.root).expanduser().exists()):
+            print(f"note: data.root {self.root!r} not found; using the {self.fallback!r} dataset instead",
+                  file=sys.stderr)
+            return DataConfig(**{**self.__dict__, "dataset": self.fallback, "root": None, "fallback": None})
+        return self
+
+    def load(self, split: str) -> ImageSet:
+        return load(self.dataset, self.root, split, download=self.download, image_size=self.image_size,
+                    cache_dir=self.cache_dir)
+
+
+@dataclass
+class SearchData:
+    paired: PairedDataset          # (x_train, y_train, x_val, y_val): weights half x architecture half
+    heldout: ImageDataset          # the architecture half, un-augmented: validation metrics
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
+@dataclass
+class RetrainData:
+    train: ImageDataset            # augmented (with cutout)
+    val: ImageDataset              # held out of the training set: model selection (ASHA)
+    test: ImageDataset             # the test split: reported, never used for selection
+    num_classes: int
+    image_shape: tuple[int, int, int]
+
+
+def _shape(data: ImageSet) -> tuple[int, int, int]:
+    n, h, w, c = data.images.shape
+    return c, h, w
+
+
+def build_search_data(cfg: DataConfig, seed: int) -> SearchData:
+    """The training split (or its seeded subset), cut into two seeded halves."""
+    cfg = cfg.resolved()
+    train = cfg.load("train")
+    mean, std = stats_for(cfg.dataset, train)
+    aug = Augment(mean, std, crop_padding=cfg.crop_padding)
+    idx = subset_indices(len(train), cfg.subset, seed)
+    a, b = split_indices(len(idx), cfg.train_fraction, seed)
+    if min(len(a), len(b)) < 2:
+        raise DataError(f"the search split needs at least 2 images per half; got {len(a)} and {len(b)} "
+                        f"from {len(idx)} training images")
+    weights_half = ImageDataset(train, idx[a], aug, augment=True, seed=seed)
+    arch_half = ImageDataset(train, idx[b], aug, augment=True, seed=seed + 1)
+    heldout = ImageDataset(train, idx[b], aug, augment=False, seed=seed)
+    return SearchData(PairedDataset(weights_half, arch_half, seed), heldout, len(train.classes), _shape(train))
+
+
+def build_retrain_data(cfg: DataConfig, seed: int, cutout: int) -> RetrainData:
+    cfg = cfg.resolved()
+    train, test = cfg.load("train"), cfg.load("test")
+    if train.classes != test.classes:
+        raise DataError(f"train and test splits of {cfg.dataset} have different classes")
+    mean, std = stats_for(cfg.dataset, train)
+    idx = subset_indices(len(train), cfg.subset, seed)
+    a, b = split_indices(len(idx), 1.0 - cfg.val_fraction, seed)
+    test_idx = subset_indices(len(test), cfg.test_subset, seed)
+    return RetrainData(
+        train=ImageDataset(train, idx[a], Augment(mean, std, cfg.crop_padding, cutout=cutout), augment=True, seed=seed),
+        val=ImageDataset(train, idx[b], Augment(mean, std), augment=False, seed=seed),
+        test=ImageDataset(test, test_idx, Augment(mean, std), augment=False, seed=seed),
+        num_classes=len(train.classes), image_shape=_shape(train))
