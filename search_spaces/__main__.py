@@ -16,10 +16,8 @@ def describe(args: argparse.Namespace) -> dict:
     d = DEFAULTS[genotype.space]
     C = args.init_channels or d["C"]
     layers = args.layers or d["layers"]
-    if genotype.space == "darts":
-        net = create_network(genotype, C=C, layers=layers, num_classes=args.classes, auxiliary=True)
-    else:
-        net = create_network(genotype, C=C, N=layers, num_classes=args.classes)
+    net = create_network(genotype, C=C, layers=layers, num_classes=args.classes,
+                         auxiliary=genotype.space == "darts")
     params = count_parameters(net)
     return {"space": genotype.space, "genotype": genotype.to_str(), "init_channels": C, "layers": layers,
             "classes": args.classes, "params": params, "params_millions": round(params / 1e6, 3),

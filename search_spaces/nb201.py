@@ -38,6 +38,7 @@ class ResNetBlock(nn.Module):
 
 
 def _skeleton(C: int, N: int, make_cell) -> tuple[nn.Module, nn.ModuleList, int]:
+    """Stem, then three stages of N cells (C, 2C, 4C channels) joined by residual reductions."""
     stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
     layers = nn.ModuleList()
     C_prev = C
@@ -74,18 +75,21 @@ class NB201SearchCell(nn.Module):
 
 
 class NB201Supernet(nn.Module):
-    """Supernet with one shared cell architecture: ``alphas_normal`` (6 x ops)."""
+    """Supernet with one shared cell architecture: ``alphas_normal`` (6 x ops).
+    ``layers`` is N, the number of cells per stage."""
 
     space = "nas-bench-201"
     cell_types = ("normal",)
     edge_normalization = False
 
-    def __init__(self, C: int = 16, N: int = 5, num_classes: int = 10, exclude_none: bool = False):
+    def __init__(self, C: int = 16, layers: int = 5, num_classes: int = 10, exclude_none: bool = False):
         super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers (cells per stage) must be >= 1, got {layers}")
         self.op_names = tuple(op for op in NB201_OPS if not (exclude_none and op == "none"))
         self.none_index = self.op_names.index("none") if "none" in self.op_names else None
         self.n_edges = N_EDGES
-        self.stem, self.layers, C_last = _skeleton(C, N, lambda c: NB201SearchCell(c, self.op_names))
+        self.stem, self.layers, C_last = _skeleton(C, layers, lambda c: NB201SearchCell(c, self.op_names))
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_last), nn.ReLU(inplace=True))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_last, num_classes)
@@ -149,17 +153,23 @@ class NB201Cell(nn.Module):
 
 
 class NB201Network(nn.Module):
-    """The discrete NAS-Bench-201 network of an arch string (benchmark setting: C=16, N=5).
-    ``forward`` returns ``(logits, None)`` like the DARTS network."""
+    """The discrete NAS-Bench-201 network of an arch string (benchmark setting: C=16, N=5 cells
+    per stage, given as ``layers``). Takes the DARTS network's keywords so trainers can build
+    either alike; it has no auxiliary head, drop path or ImageNet stem. ``forward`` returns
+    ``(logits, None)`` like the DARTS network."""
 
     space = "nas-bench-201"
 
-    def __init__(self, genotype: NB201Genotype, C: int = 16, N: int = 5, num_classes: int = 10):
+    def __init__(self, genotype: NB201Genotype, C: int = 16, num_classes: int = 10, layers: int = 5,
+                 auxiliary: bool = False, drop_path_prob: float = 0.0, variant: str = "cifar"):
         super().__init__()
+        if auxiliary or drop_path_prob or variant != "cifar":
+            raise ValueError("NAS-Bench-201 networks have no auxiliary head, drop path or ImageNet variant; "
+                             "set auxiliary: false, drop_path_prob: 0 and variant: cifar")
         self.genotype = genotype
-        self.drop_path_prob = 0.0  # not used by NAS-Bench-201; kept so trainers can treat networks alike
+        self.drop_path_prob = 0.0
         self.auxiliary_head = None
-        self.stem, self.layers, C_last = _skeleton(C, N, lambda c: NB201Cell(genotype, c))
+        self.stem, self.layers, C_last = _skeleton(C, layers, lambda c: NB201Cell(genotype, c))
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_last), nn.ReLU(inplace=True))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_last, num_classes)

@@ -126,7 +126,7 @@ def test_eg_rejects_parameters_off_the_simplex():
 def small(space):
     if space == "darts":
         return search_spaces.create("darts", C=8, layers=3, partial_channels=4, edge_normalization=True)
-    return search_spaces.create("nas-bench-201", C=4, N=1)
+    return search_spaces.create("nas-bench-201", C=4, layers=1)
 
 
 def test_registry_lists_valid_names():

@@ -59,7 +59,7 @@ def test_darts_supernet_forward_backward(kw):
 
 @pytest.mark.parametrize("exclude_none", [False, True])
 def test_nb201_supernet_forward_backward(exclude_none):
-    net = create("nas-bench-201", C=4, N=1, exclude_none=exclude_none)
+    net = create("nas-bench-201", C=4, layers=1, exclude_none=exclude_none)
     assert net.alphas_normal.shape == (6, 4 if exclude_none else 5)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
     nn.functional.cross_entropy(net(x), y).backward()
@@ -69,7 +69,7 @@ def test_nb201_supernet_forward_backward(exclude_none):
 
 
 @pytest.mark.parametrize("space,kw", [("darts", dict(C=8, layers=3, partial_channels=4, edge_normalization=True)),
-                                      ("nas-bench-201", dict(C=4, N=1))])
+                                      ("nas-bench-201", dict(C=4, layers=1))])
 def test_arch_and_weight_parameters_partition_the_model(space, kw):
     net = create(space, **kw)
     arch = {id(p) for p in net.arch_parameters()}
@@ -110,7 +110,7 @@ def test_zero_weight_and_none_ops_are_skipped():
 
 
 def test_sampled_architecture_computes_one_op_per_edge():
-    net = create("nas-bench-201", C=4, N=1)
+    net = create("nas-bench-201", C=4, layers=1)
     calls = _count_op_calls(net)
     idx = [1, 2, 3, 4, 2, 1]
     w = torch.nn.functional.one_hot(torch.tensor(idx), 5).float()
@@ -297,14 +297,14 @@ def test_darts_imagenet_variant():
 
 def test_nb201_network():
     g = parse_genotype("|nor_conv_3x3~0|+|none~0|nor_conv_1x1~1|+|skip_connect~0|none~1|avg_pool_3x3~2|")
-    net = create_network(g, C=4, N=2, num_classes=5)
+    net = create_network(g, C=4, layers=2, num_classes=5)
     logits, aux = net(torch.randn(2, 3, 16, 16))
     assert logits.shape == (2, 5) and aux is None
     assert count_macs(net, (1, 3, 16, 16)) > 0
 
 
 @pytest.mark.parametrize("space,kw", [("darts", dict(C=8, layers=3, partial_channels=4, edge_normalization=True)),
-                                      ("nas-bench-201", dict(C=4, N=1))])
+                                      ("nas-bench-201", dict(C=4, layers=1))])
 def test_supernet_state_dict_round_trip(space, kw):
     a, b = create(space, **kw), create(space, **kw)
     x = torch.randn(2, 3, 16, 16)
@@ -352,7 +352,7 @@ def test_core_packages_do_not_import_determined():
 def test_supernets_and_networks_on_cuda():
     dev = torch.device("cuda")
     for space, kw in [("darts", dict(C=8, layers=3, partial_channels=4, edge_normalization=True)),
-                      ("nas-bench-201", dict(C=4, N=1))]:
+                      ("nas-bench-201", dict(C=4, layers=1))]:
         net = create(space, **kw).to(dev)
         nn.functional.cross_entropy(net(torch.randn(2, 3, 16, 16, device=dev)), torch.tensor([0, 1], device=dev)).backward()
         assert all(p.grad is not None for p in net.arch_parameters())

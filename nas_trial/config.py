@@ -1,0 +1,126 @@
+"""Trial hyperparameters as frozen dataclasses: a misspelt key or a value of the wrong type
+is a one-line error that says what is valid."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import optimizers
+import search_spaces
+from optimizers.settings import from_mapping
+
+# Parameters of the supernets that come from elsewhere (the data) or are not for users.
+_DERIVED = {"num_classes", "in_channels", "self"}
+
+
+def _check_space_args(space: str, args: Mapping[str, Any]) -> None:
+    cls = search_spaces.get_space(space).supernet
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in _DERIVED]
+    unknown = sorted(set(args) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown space_args {', '.join(map(repr, unknown))} for search space {space!r}; "
+                         f"valid space_args: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Hyperparameters of a search (``SearchTrial``)."""
+    global_batch_size: int = 64               # per step, over all slots (each slot gets its share)
+    space: str = "darts"                      # darts | nas-bench-201
+    space_args: dict = field(default_factory=dict)        # supernet arguments (C, layers, partial_channels, ...)
+    optimizer: str = "gaea"                   # gaea | darts | gdas | gaea_gdas | random
+    optimizer_args: dict = field(default_factory=dict)    # per optimizer name: its settings
+    bilevel: bool = True                      # architecture step on held-out batches; else single-level
+    learning_rate: float = 0.025              # weights: SGD, cosine-annealed per epoch ...
+    min_learning_rate: float = 0.001          # ... down to this
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0                    # weight-gradient norm clip (0 disables)
+    epochs: int = 50
+    seed: int = 0
+    validate_every: int = 1                   # epochs between validations (cluster runs)
+    checkpoint_every: int = 1                 # epochs between checkpoints (cluster runs)
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> "SearchConfig":
+        return from_mapping(cls, hparams, "a search (hyperparameters)")
+
+    def __post_init__(self) -> None:
+        search_spaces.get_space(self.space)
+        optimizers.get(self.optimizer)
+        if not isinstance(self.space_args, dict) or not isinstance(self.optimizer_args, dict):
+            raise ValueError("space_args and optimizer_args must be mappings")
+        _check_space_args(self.space, self.space_args)
+        unknown = sorted(set(self.optimizer_args) - set(optimizers.names()))
+        if unknown:
+            raise ValueError(f"optimizer_args is keyed by optimizer name; unknown {', '.join(map(repr, unknown))}; "
+                             f"valid names: {', '.join(optimizers.names())}")
+        for name, settings in self.optimizer_args.items():  # validate every entry, not only the one in use
+            from_mapping(optimizers.get(name).Settings, settings, f"architecture optimizer {name!r}")
+        if self.global_batch_size < 1 or self.epochs < 1 or self.validate_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("global_batch_size, epochs, validate_every and checkpoint_every must be >= 1")
+        if self.learning_rate <= 0 or self.min_learning_rate < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0; min_learning_rate, grad_clip and weight_decay >= 0")
+
+    @property
+    def arch_settings(self) -> Mapping[str, Any]:
+        return self.optimizer_args.get(self.optimizer, {})
+
+
+# Retraining defaults by search space: the DARTS CIFAR protocol and the NAS-Bench-201 one.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "darts": dict(init_channels=36, layers=20, auxiliary=True, auxiliary_weight=0.4, drop_path_prob=0.2, cutout=16,
+                  learning_rate=0.025, min_learning_rate=0.0, momentum=0.9, nesterov=False, weight_decay=3e-4,
+                  grad_clip=5.0, epochs=600),
+    "nas-bench-201": dict(init_channels=16, layers=5, auxiliary=False, auxiliary_weight=0.0, drop_path_prob=0.0,
+                          cutout=0, learning_rate=0.1, min_learning_rate=0.0, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4, grad_clip=0.0, epochs=200),
+}
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Hyperparameters of a retraining (``RetrainTrial``); unset values follow the protocol of
+    the genotype's search space (``PROTOCOLS``)."""
+    genotype: str                              # published name, genotype string, or genotype.json path
+    global_batch_size: int = 96
+    init_channels: Optional[int] = None
+    layers: Optional[int] = None               # cells (darts) or cells per stage (nas-bench-201)
+    auxiliary: Optional[bool] = None
+    auxiliary_weight: Optional[float] = None
+    drop_path_prob: Optional[float] = None     # ramped linearly from 0 over the run
+    cutout: Optional[int] = None               # cutout length in pixels (0 disables)
+    learning_rate: Optional[float] = None
+    min_learning_rate: Optional[float] = None
+    momentum: Optional[float] = None
+    nesterov: Optional[bool] = None
+    weight_decay: Optional[float] = None
+    grad_clip: Optional[float] = None
+    epochs: Optional[int] = None
+    variant: str = "cifar"                     # darts networks: cifar | imagenet
+    seed: int = 0
+    validate_every: int = 1
+    checkpoint_every: int = 10
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> "RetrainConfig":
+        if "genotype" not in hparams:
+            raise ValueError("a retraining needs the 'genotype' hyperparameter (published name, genotype string, "
+                             "or genotype.json path)")
+        return from_mapping(cls, hparams, "a retraining (hyperparameters)")
+
+    def resolve(self, space: str) -> "RetrainConfig":
+        """Fill unset values from the protocol of ``space``."""
+        values = {k: (PROTOCOLS[space][k] if v is None and k in PROTOCOLS[space] else v)
+                  for k, v in self.__dict__.items()}
+        cfg = RetrainConfig(**values)
+        if cfg.epochs < 1 or cfg.global_batch_size < 1 or cfg.learning_rate <= 0:
+            raise ValueError("epochs and global_batch_size must be >= 1 and learning_rate > 0")
+        if not 0.0 <= cfg.drop_path_prob < 1.0:
+            raise ValueError(f"drop_path_prob must be in [0, 1), got {cfg.drop_path_prob}")
+        if cfg.cutout < 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0 or cfg.auxiliary_weight < 0:
+            raise ValueError("cutout, weight_decay, grad_clip and auxiliary_weight must be >= 0")
+        if cfg.variant not in ("cifar", "imagenet"):
+            raise ValueError(f"unknown variant {cfg.variant!r}; valid variants: cifar, imagenet")
+        return cfg
