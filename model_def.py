@@ -1,0 +1,250 @@
+"""Determined trials for geometry-aware weight-sharing NAS, a thin adapter over
+``search_spaces/``, ``optimizers/`` and ``nas_data/``:
+
+* ``SearchTrial``: supernet + architecture optimizer (GAEA, DARTS, GDAS, random search),
+  bilevel or single-level; writes ``genotype.json`` with every checkpoint.
+* ``RetrainTrial``: the discrete network of a genotype (name, string or genotype.json).
+
+Cluster: ``python3 -m determined.launch.torch_distributed python3 model_def.py`` (the
+experiment's entrypoint). Local, no cluster: ``python model_def.py experiments/<x>.yaml
+[--set key=value ...] [--max-batches N] [--output DIR] [--resume DIR]``. A run with a
+``genotype`` hyperparameter is a retraining, any other a search.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import determined as det
+import torch
+import torch.nn.functional as F
+from determined.pytorch import DataLoader, LRScheduler, PyTorchTrial, PyTorchTrialContext
+
+import optimizers
+import search_spaces
+from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data
+from nas_trial.config import RetrainConfig, SearchConfig
+from nas_trial.progress import Progress
+from nas_trial.state import TrialState, epoch_length, write_json
+from optimizers.search import NonFiniteLossError, search_step
+
+
+class _Trial(PyTorchTrial):
+    """What both trials share: step counter, resumable training loader, progress lines."""
+
+    name = "trial"
+
+    def _setup(self, context: PyTorchTrialContext, seed: int, epochs: int, n_train: int) -> None:
+        self.context = context
+        self.rank, self.world = context.distributed.get_rank(), context.distributed.get_size()
+        self.per_slot = context.get_per_slot_batch_size()
+        if n_train < self.per_slot * self.world:
+            raise ValueError(f"{n_train} training images cannot fill one global batch of "
+                             f"{self.per_slot * self.world}; lower global_batch_size or use more data")
+        self.batches_per_epoch = n_train // self.per_slot                     # over all ranks
+        self.epoch_len = epoch_length(self.batches_per_epoch, self.world)     # per rank, as Determined counts
+        self.total_steps = epochs * self.epoch_len
+        self.steps = 0                # batches trained (restored from checkpoints)
+        self.start_batch = 0          # set by TrialState on a local resume
+        self.last_metrics: dict[str, Any] = {}
+        self.last_checkpoint: Optional[str] = None
+        self.progress = Progress(self.name, self.total_steps, enabled=self.rank == 0)
+        self.seed = seed
+
+    def _train_loader(self, dataset, num_workers: int) -> DataLoader:
+        sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed,
+                                    start_batch=self.start_batch * self.world)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def _eval_loader(self, dataset, num_workers: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.per_slot, shuffle=False, num_workers=num_workers)
+
+    def _evaluate(self, loader, forward) -> dict[str, float]:
+        loss, correct, total = 0.0, 0, 0
+        with torch.no_grad():
+            for batch in loader:
+                x, y = self.context.to_device(batch)
+                logits = forward(x)
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(-1) == y).sum())
+                total += len(y)
+        return {"loss": loss / max(total, 1), "accuracy": correct / max(total, 1)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class SearchTrial(_Trial):
+    name = "search"
+
+    def __init__(self, context: PyTorchTrialContext) -> None:
+        cfg = self.cfg = SearchConfig.from_hparams(context.get_hparams())
+        self.data_cfg = DataConfig.from_mapping(context.get_data_config())
+        self.data = build_search_data(self.data_cfg, cfg.seed)
+        self._setup(context, cfg.seed, cfg.epochs, len(self.data.paired))
+        torch.manual_seed(cfg.seed)
+        supernet = search_spaces.create(cfg.space, num_classes=self.data.num_classes, **cfg.space_args)
+        if self.world > 1:
+            # Architecture parameters stay out of DDP's buckets: the architecture optimizer
+            # averages their gradients itself, so the two steps need no requires_grad toggling.
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                supernet, [n for n, _ in supernet.arch_named_parameters()])
+        self.model = context.wrap_model(supernet)
+        self.supernet = supernet
+        self.arch = optimizers.create(cfg.optimizer, supernet, cfg.arch_settings, seed=cfg.seed)
+        self.w_opt = context.wrap_optimizer(torch.optim.SGD(
+            supernet.weight_parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        self.lr_scheduler = context.wrap_lr_scheduler(
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, cfg.epochs, cfg.min_learning_rate),
+            step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
+
+    def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
+        return {"nas_state": TrialState(self, self.write_genotype)}
+
+    def build_training_data_loader(self) -> DataLoader:
+        return self._train_loader(self.data.paired, self.data_cfg.num_workers)
+
+    def build_validation_data_loader(self) -> DataLoader:
+        return self._eval_loader(self.data.heldout, self.data_cfg.num_workers)
+
+    def _weight_step(self) -> None:
+        clip = self.cfg.grad_clip
+        self.context.step_optimizer(
+            self.w_opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)
+
+    def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        x, y, xv, yv = batch
+        self.arch.set_progress(self.steps / max(self.total_steps - 1, 1))
+        result = search_step(self.model, self.arch, x, y, xv, yv, bilevel=self.cfg.bilevel,
+                             weight_backward=self.context.backward, weight_step=self._weight_step,
+                             ddp_unused=self.arch.sampled and self.world > 1)
+        self.steps += 1
+        metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "lr": self.w_opt.param_groups[0]["lr"]}
+        if result.arch_loss is not None:
+            metrics["arch_loss"] = result.arch_loss
+        self.progress.step(self.steps, metrics)
+        return metrics
+
+    def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
+        if isinstance(self.arch, optimizers.RandomSearch):
+            batches = []
+            for batch in data_loader:
+                batches.append(self.context.to_device(batch))
+                if len(batches) >= self.arch.settings.eval_batches:
+                    break
+            results = self.arch.select(self.supernet, batches)
+            best = self.arch.best
+            metrics = {"val_loss": best["loss"], "val_accuracy": best["accuracy"], "candidates": len(results)}
+        else:
+            weights = self.arch.probabilities()
+            m = self._evaluate(data_loader, lambda x: self.supernet(x, weights))
+            metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+        metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
+        metrics["genotype"] = self.arch.genotype().to_str()
+        self.progress.validation(self.steps, metrics)
+        return metrics
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"arch": self.arch.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.arch.load_state_dict(state["arch"])
+
+    def write_genotype(self, checkpoint_dir: Path) -> None:
+        """``genotype.json`` beside the checkpoint: what a retraining reads."""
+        genotype = self.arch.genotype()
+        probs = self.arch.probabilities()
+        write_json(checkpoint_dir / "genotype.json", {
+            **genotype.to_json(), "step": self.steps, "epoch": self.steps / self.epoch_len,
+            "optimizer": self.cfg.optimizer, "seed": self.cfg.seed, "op_names": list(self.supernet.op_names),
+            "arch_weights": {ct: {"ops": cw.ops.cpu().tolist(),
+                                  "edges": [e.cpu().tolist() for e in cw.edges] if cw.edges is not None else None}
+                             for ct, cw in probs.items()},
+            "metrics": {k: v for k, v in self.last_metrics.items()},
+            "dataset": self.data_cfg.dataset})
+
+
+class RetrainTrial(_Trial):
+    name = "retrain"
+
+    def __init__(self, context: PyTorchTrialContext) -> None:
+        raw = RetrainConfig.from_hparams(context.get_hparams())
+        self.genotype = search_spaces.parse_genotype(raw.genotype)
+        cfg = self.cfg = raw.resolve(self.genotype.space)
+        self.data_cfg = DataConfig.from_mapping(context.get_data_config())
+        self.data = build_retrain_data(self.data_cfg, cfg.seed, cutout=cfg.cutout)
+        self._setup(context, cfg.seed, cfg.epochs, len(self.data.train))
+        torch.manual_seed(cfg.seed)
+        net = search_spaces.create_network(self.genotype, C=cfg.init_channels, layers=cfg.layers,
+                                           num_classes=self.data.num_classes, auxiliary=cfg.auxiliary,
+                                           variant=cfg.variant)
+        c, h, w = self.data.image_shape
+        self.size = {"params": search_spaces.count_parameters(net),
+                     "params_with_auxiliary": search_spaces.count_parameters(net, include_auxiliary=True),
+                     "macs": search_spaces.count_macs(net, (1, c, h, w))}
+        self.net = net
+        self.model = context.wrap_model(net)
+        self.opt = context.wrap_optimizer(torch.optim.SGD(
+            net.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov))
+        self.lr_scheduler = context.wrap_lr_scheduler(
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs, cfg.min_learning_rate),
+            step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
+        self.test_loader = self._eval_loader(self.data.test, 0)
+
+    def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
+        return {"nas_state": TrialState(self)}
+
+    def build_training_data_loader(self) -> DataLoader:
+        return self._train_loader(self.data.train, self.data_cfg.num_workers)
+
+    def build_validation_data_loader(self) -> DataLoader:
+        return self._eval_loader(self.data.val, self.data_cfg.num_workers)
+
+    def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        cfg = self.cfg
+        x, y = batch
+        # drop path ramps linearly from 0 over the run (by our own step count: resume-safe)
+        self.net.drop_path_prob = cfg.drop_path_prob * (self.steps // self.epoch_len) / cfg.epochs
+        logits, aux = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        if aux is not None and cfg.auxiliary_weight:
+            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss.item()} at step {self.steps + 1}: stopping before the "
+                                     "update so no bad checkpoint is written; lower the learning rate")
+        self.context.backward(loss)
+        clip = cfg.grad_clip
+        self.context.step_optimizer(
+            self.opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)
+        self.steps += 1
+        metrics = {"loss": loss.detach(), "train_accuracy": (logits.argmax(-1) == y).float().mean(),
+                   "lr": self.opt.param_groups[0]["lr"], "drop_path_prob": self.net.drop_path_prob}
+        self.progress.step(self.steps, metrics)
+        return metrics
+
+    def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
+        forward = lambda x: self.net(x)[0]  # noqa: E731
+        val = self._evaluate(data_loader, forward)
+        test = self._evaluate(self.test_loader, forward)
+        metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
+                   "test_accuracy": test["accuracy"], **self.size, "genotype": self.genotype.to_str()}
+        self.progress.validation(self.steps, metrics)
+        return metrics
+
+
+def trial_class(hparams: dict[str, Any]) -> type[_Trial]:
+    """A ``genotype`` hyperparameter makes a retraining; anything else is a search."""
+    return RetrainTrial if "genotype" in hparams else SearchTrial
+
+
+if __name__ == "__main__":
+    from nas_trial.runner import main
+
+    sys.exit(main(sys.argv[1:], trial_class))
