@@ -93,8 +93,11 @@ class SearchTrial(_Trial):
         if self.world > 1:
             # Architecture parameters stay out of DDP's buckets: the architecture optimizer
             # averages their gradients itself, so the two steps need no requires_grad toggling.
+            # (DDP builds its buckets from f"{module}.{param}" names, i.e. ".alphas_normal" for
+            # parameters of the root module, but broadcasts by plain names: list both forms.)
+            names = [n for n, _ in supernet.arch_named_parameters()]
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                supernet, [n for n, _ in supernet.arch_named_parameters()])
+                supernet, names + ["." + n for n in names if "." not in n])
         self.model = context.wrap_model(supernet)
         self.supernet = supernet
         self.arch = optimizers.create(cfg.optimizer, supernet, cfg.arch_settings, seed=cfg.seed)

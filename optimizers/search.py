@@ -47,11 +47,29 @@ def _no_sync(model: nn.Module):
         model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
 
 
-def _zero_touch(logits: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+def unreachable_parameters(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """Parameters that ``loss`` does not depend on (ops left out of a sampled architecture,
+    or whose output feeds only ops that are), found by walking the autograd graph."""
+    seen: set[int] = set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    visited: set[int] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in visited:
+            continue
+        visited.add(id(fn))
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            seen.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return [p for p in params if p.requires_grad and id(p) not in seen]
+
+
+def _zero_touch(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
     """Make ``params`` part of the graph at zero cost and zero value (for DDP buckets)."""
     if not params:
-        return logits
-    return logits + sum(p.reshape(-1)[0] for p in params) * 0.0
+        return loss
+    return loss + sum(p.reshape(-1)[0] for p in params) * 0.0
 
 
 def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Tensor, y_train: torch.Tensor,
@@ -68,9 +86,10 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         weight_backward: backward for the weight loss (default ``loss.backward()``).
         bilevel: architecture step on ``(x_val, y_val)`` first; else single-level.
         ddp_unused: the model is DDP-wrapped and the optimizer samples architectures: route
-            the ops left out of this step's sample through the graph at zero cost (DDP
-            requires every parameter to get a gradient) and drop their zero gradients
-            again, so the update is that of the single-process run.
+            the parameters this step's loss does not depend on through the graph at zero
+            cost (DDP, built with ``find_unused_parameters=False``, requires every parameter
+            to get a gradient) and drop their zero gradients again, so the update is that of
+            the single-process run.
     """
     weight_backward = weight_backward or (lambda loss: loss.backward())
     supernet = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -91,11 +110,11 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
 
     single = not bilevel and arch.learns
     weights = arch.weights(detach=not single)
-    unused = supernet.inactive_parameters(weights) if ddp_unused else []
     logits = model(x_train, weights)
-    loss = criterion(_zero_touch(logits, unused), y_train)
+    loss = criterion(logits, y_train)
     _check_finite(loss, "training loss")
-    weight_backward(loss)
+    unused = unreachable_parameters(loss, supernet.weight_parameters()) if ddp_unused else []
+    weight_backward(_zero_touch(loss, unused))
     for p in unused:
         p.grad = None
     if single:

@@ -180,15 +180,6 @@ class DartsSupernet(nn.Module):
         out = self.global_pooling(s1).flatten(1)                                    # (B, C_prev)
         return self.classifier(out)                                                 # (B, classes)
 
-    def inactive_parameters(self, weights: Mapping[str, CellWeights]) -> list[nn.Parameter]:
-        """Parameters of the ops these weights leave out (a sampled architecture)."""
-        out = []
-        for cell in self.cells:
-            active = weights["reduce" if cell.reduction else "normal"].resolve_active(self.none_index)
-            for edge, keep in zip(cell.edges, active):
-                out.extend(p for k, op in enumerate(edge.ops) if k not in keep for p in op.parameters())
-        return out
-
     def genotype(self, weights: Mapping[str, CellWeights]) -> DartsGenotype:
         """The discrete cell pair these (probability-like) weights select."""
         return derive_darts(weights["normal"].ops, weights["reduce"].ops, self.op_names,

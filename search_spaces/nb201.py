@@ -121,13 +121,6 @@ class NB201Supernet(nn.Module):
         h = self.global_pooling(self.lastact(h)).flatten(1)                         # (B, 4C)
         return self.classifier(h)                                                   # (B, classes)
 
-    def inactive_parameters(self, weights: Mapping[str, CellWeights]) -> list[nn.Parameter]:
-        """Parameters of the ops these weights leave out (a sampled architecture)."""
-        active = weights["normal"].resolve_active(self.none_index)
-        return [p for layer in self.layers if isinstance(layer, NB201SearchCell)
-                for edge, keep in zip(layer.edges, active)
-                for k, op in enumerate(edge.ops) if k not in keep for p in op.parameters()]
-
     def genotype(self, weights: Mapping[str, CellWeights]) -> NB201Genotype:
         return derive_nb201(weights["normal"].ops, self.op_names)
 
