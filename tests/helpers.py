@@ -1,0 +1,43 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_model_def(*args: str, nproc: int = 1, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run model_def.py as a user would (torchrun for nproc > 1)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000), str(ROOT / "model_def.py"), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / "model_def.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def checkpoints(output: Path) -> dict[int, Path]:
+    """Checkpoint directories under a run's --output, by batches trained."""
+    out = {}
+    for d in (output / "determined").iterdir():
+        if (d / "progress.json").exists():
+            out[json.loads((d / "progress.json").read_text())["batches_trained"]] = d
+    return out
+
+
+def load_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "state_dict.pth", weights_only=False)
+
+
+def write_config(path: Path, hparams: dict, data: dict, **extra) -> Path:
+    import yaml
+
+    config = {"name": "test", "entrypoint": "python3 -m determined.launch.torch_distributed python3 model_def.py",
+              "searcher": {"name": "single", "metric": "val_accuracy", "smaller_is_better": False},
+              "data": data, "hyperparameters": hparams, **extra}
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,128 @@
+"""The search as a Determined trial, run through model_def.py like a user runs it."""
+import json
+import math
+
+import pytest
+import torch
+
+from nas_trial.runner import apply_overrides, load_config, pick_hparams
+from search_spaces import parse_genotype
+from tests.conftest import require_cifar
+from tests.helpers import checkpoints, load_state, run_model_def, write_config
+
+TINY = {"global_batch_size": 16, "space": "nas-bench-201", "space_args": {"C": 4, "layers": 1},
+        "optimizer": "gaea", "epochs": 2, "learning_rate": 0.05, "seed": 0}
+DIGITS = {"dataset": "digits", "subset": 400}
+
+
+def tiny_config(tmp_path, **hp):
+    return write_config(tmp_path / "exp.yaml", {**TINY, **hp}, DIGITS)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_search_on_real_cifar10_jpegs_writes_genotype_json(tmp_path):
+    root = require_cifar()
+    cfg = write_config(tmp_path / "exp.yaml",
+                       {**TINY, "space": "darts", "space_args": {"C": 4, "layers": 3, "partial_channels": 2,
+                                                                 "edge_normalization": True}},
+                       {"dataset": "image_folder", "root": str(root), "subset": 300})
+    proc = ok(run_model_def(str(cfg), "--max-batches", "6", "--validate-every", "3", "--output", str(tmp_path / "out")))
+    assert "genotype.json:" in proc.stdout and "validation at step 3" in proc.stdout
+    ckpts = checkpoints(tmp_path / "out")
+    assert max(ckpts) == 6  # local runs checkpoint after every validation too (policy "all")
+    path = ckpts[6] / "genotype.json"
+    data = json.loads(path.read_text())
+    genotype = parse_genotype(str(path), space="darts")            # what a retraining reads
+    assert data["genotype"] == genotype.to_str() and data["step"] == 6
+    assert set(data["metrics"]) >= {"val_loss", "val_accuracy", "arch_entropy", "arch_max_weight", "genotype"}
+    assert 0.0 <= data["metrics"]["val_accuracy"] <= 1.0
+    for ct in ("normal", "reduce"):
+        ops = torch.tensor(data["arch_weights"][ct]["ops"])
+        assert ops.shape == (14, 8) and torch.allclose(ops.sum(-1), torch.ones(14), atol=1e-5)
+        assert [len(e) for e in data["arch_weights"][ct]["edges"]] == [2, 3, 4, 5]
+
+
+def _final_state(out, batches):
+    ck = checkpoints(out)[batches]
+    return load_state(ck), json.loads((ck / "genotype.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["gaea", "gdas"])
+def test_resume_is_exact_single_process(tmp_path, optimizer):
+    cfg = tiny_config(tmp_path, optimizer=optimizer)
+    ok(run_model_def(str(cfg), "--max-batches", "10", "--output", str(tmp_path / "a")))
+    ok(run_model_def(str(cfg), "--max-batches", "4", "--output", str(tmp_path / "b")))
+    ck = checkpoints(tmp_path / "b")[4]
+    proc = ok(run_model_def(str(cfg), "--max-batches", "10", "--output", str(tmp_path / "b"), "--resume", str(ck)))
+    assert "resuming at batch 4" in proc.stdout
+    a, ga = _final_state(tmp_path / "a", 10)
+    b, gb = _final_state(tmp_path / "b", 10)
+    ma, mb = a["models_state_dict"][0], b["models_state_dict"][0]
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)  # bitwise, incl. arch weights
+    assert ga["genotype"] == gb["genotype"] and ga["arch_weights"] == gb["arch_weights"]
+
+
+@pytest.mark.slow
+def test_same_seed_same_architecture_other_seed_differs(tmp_path):
+    cfg = tiny_config(tmp_path)
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        ok(run_model_def(str(cfg), "--max-batches", "5", "--set", f"seed={seed}", "--output", str(tmp_path / name)))
+        runs[name] = _final_state(tmp_path / name, 5)[1]
+    assert runs["a"]["arch_weights"] == runs["b"]["arch_weights"] and runs["a"]["genotype"] == runs["b"]["genotype"]
+    assert runs["a"]["arch_weights"] != runs["c"]["arch_weights"]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, learning_rate=1.0e12)
+    proc = run_model_def(str(cfg), "--max-batches", "30", "--checkpoint-every", "1", "--output", str(tmp_path / "o"))
+    assert proc.returncode == 1
+    err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "loss is" in err[0] and "no bad checkpoint" in err[0]
+    ckpts = checkpoints(tmp_path / "o")
+    assert ckpts and max(ckpts) < 30
+    for ck in ckpts.values():
+        state = load_state(ck)["models_state_dict"][0]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optimizer=gea", "unknown architecture optimizer 'gea'; valid optimizers: gaea, darts"),
+    ("space=nasbench", "unknown search space 'nasbench'"),
+    ("learnin_rate=0.1", r"unknown setting\(s\) 'learnin_rate'"),
+    ("space_args.width=3", "unknown space_args 'width' for search space 'nas-bench-201'; valid space_args: C, layers"),
+    ("optimizer_args.gaea.lrr=0.1", r"unknown setting\(s\) 'lrr' for architecture optimizer 'gaea'"),
+    ("data.root=/nonexistent/cifar", "image folder dataset expected"),
+])
+def test_bad_config_gets_one_line_error(tmp_path, override, match):
+    cfg = write_config(tmp_path / "exp.yaml", TINY, {"dataset": "image_folder", "root": "/nonexistent/x"}
+                       if override.startswith("data.") else DIGITS)
+    proc = run_model_def(str(cfg), "--max-batches", "2", "--set", override, "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1
+    import re
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_yaml_overrides_and_hyperparameter_points(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("hyperparameters:\n  lr: 1e-3\n  wd: {type: log, minval: -4, maxval: -2, base: 10}\n"
+                 "  opt: {type: categorical, vals: [gaea, darts]}\n  n: {type: int, minval: 2, maxval: 6}\n"
+                 "  nested: {a: {type: const, val: 3}}\n")
+    cfg = load_config(p)
+    assert cfg["hyperparameters"]["lr"] == 1e-3 and isinstance(cfg["hyperparameters"]["lr"], float)
+    hp = pick_hparams(cfg["hyperparameters"])
+    assert hp == {"lr": 1e-3, "wd": pytest.approx(1e-3), "opt": "gaea", "n": 4, "nested": {"a": 3}}
+    cfg = apply_overrides(cfg, ["opt=darts", "nested.a=5", "data.subset=100", "space_args.C=8"])
+    assert cfg["hyperparameters"]["opt"] == "darts" and cfg["hyperparameters"]["nested"]["a"] == 5
+    assert cfg["data"]["subset"] == 100 and cfg["hyperparameters"]["space_args"]["C"] == 8
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(cfg, ["novalue"])
