@@ -5,22 +5,23 @@ passes ``context.backward`` and ``context.step_optimizer``).
 Bilevel (default): an architecture step on a held-out batch, then a weight step on a
 training batch. Single-level: one training batch's loss updates both.
 
-* The architecture step computes gradients for the architecture parameters only
-  (``backward(inputs=...)``), and under DistributedDataParallel runs in ``no_sync`` with the
-  architecture gradients averaged by ``ArchitectureOptimizer.sync_grads``. Nothing toggles
-  ``requires_grad``.
+* The architecture step runs the supernet with detached copies of its weight parameters
+  (``torch.func.functional_call``) and asks autograd for the architecture gradients only,
+  so no weight gradient is computed and convolutions keep no inputs for one; it bypasses the
+  DistributedDataParallel wrapper, and ``ArchitectureOptimizer.sync_grads`` averages the
+  architecture gradients over ranks. Nothing toggles ``requires_grad``.
 * The weight step detaches the architecture weights, so no architecture gradient is computed.
 * A non-finite loss raises :class:`NonFiniteLossError` before any parameter changes.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .architecture import ArchitectureOptimizer
 
@@ -42,9 +43,10 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
                                  "written; lower the learning rate or check the data")
 
 
-def _no_sync(model: nn.Module):
-    return model.no_sync() if hasattr(model, "no_sync") and isinstance(
-        model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+def detached_weights(supernet: nn.Module) -> dict[str, torch.Tensor]:
+    """The supernet's weight parameters, detached (they take no gradient in the architecture step)."""
+    arch = {id(p) for p in supernet.arch_parameters()}
+    return {n: p.detach() for n, p in supernet.named_parameters() if id(p) not in arch}
 
 
 def unreachable_parameters(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
@@ -98,11 +100,10 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
     if bilevel and arch.learns:
         if x_val is None or y_val is None:
             raise ValueError("bilevel search needs a held-out batch (x_val, y_val)")
-        with _no_sync(model):
-            logits = model(x_val, arch.weights())
-            arch_loss = criterion(logits, y_val)
-            _check_finite(arch_loss, "architecture loss")
-            torch.autograd.backward(arch_loss, inputs=arch.parameters())
+        logits = functional_call(supernet, detached_weights(supernet), (x_val, arch.weights()), strict=False)
+        arch_loss = criterion(logits, y_val)
+        _check_finite(arch_loss, "architecture loss")
+        torch.autograd.backward(arch_loss, inputs=arch.parameters())
         arch.sync_grads()
         arch.step()
         arch.zero_grad()

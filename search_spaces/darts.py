@@ -2,7 +2,7 @@
 edge normalization) and the discrete evaluation networks of a genotype (CIFAR and ImageNet)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import nn
 
 from .arch import CellWeights
 from .genotypes import DartsGenotype, derive_darts
+from .fast_ops import scaled_batch_norm
 from .ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, create_op
 
 
@@ -23,24 +24,78 @@ def channel_shuffle_cat(part: torch.Tensor, rest: torch.Tensor, groups: int) -> 
     return torch.cat([part.unsqueeze(2), rest], dim=2).view(B, groups * q, H, W)
 
 
+class EdgeInput:
+    """An edge's input and, computed at most once and shared by every op that starts with a
+    ReLU, its ReLU."""
+
+    __slots__ = ("x", "_relu")
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self._relu = x, None
+
+    @property
+    def relu(self) -> torch.Tensor:
+        if self._relu is None:
+            self._relu = F.relu(self.x)
+        return self._relu
+
+
+Weight = Union[torch.Tensor, float]
+
+
+def accumulate(acc: Optional[torch.Tensor], y: torch.Tensor, w: Weight) -> torch.Tensor:
+    """``acc + w * y``: with a plain-number weight (no architecture gradient wanted) in one
+    in-place kernel that saves nothing for backward."""
+    if acc is None:
+        return y * w
+    if isinstance(w, float):
+        return acc.add_(y, alpha=w)
+    return acc + w * y
+
+
+def unpack(cw: CellWeights) -> tuple[Sequence[Sequence[Weight]], Optional[Sequence[Sequence[Weight]]]]:
+    """Per-edge op weights and per-node edge weights, as tensor views when gradients flow to
+    them, else as plain numbers (one host transfer)."""
+    ops = [row.unbind(0) for row in cw.ops.unbind(0)] if cw.ops.requires_grad else cw.ops.tolist()
+    edges = None
+    if cw.edges is not None:
+        edges = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
+    return ops, edges
+
+
+class PoolBN(nn.Sequential):
+    """A pooling op followed by an affine-free batch norm, as pooling outputs are in the
+    DARTS supernet."""
+
+    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
+        return self[0](x), self[1]
+
+
 class MixedEdge(nn.Module):
     """All candidate ops on one edge; ``forward`` sums ``w[k] * op_k(x)`` over the active ops."""
 
-    def __init__(self, C: int, stride: int, op_names: Sequence[str]):
+    def __init__(self, C: int, stride: int, op_names: Sequence[str], pool_bn: bool = True):
         super().__init__()
         ops = []
         for name in op_names:
             op = create_op(name, C, stride, affine=False)
-            if "pool" in name:  # as in DARTS: pooling outputs are batch-normalised in the supernet
-                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
+            if "pool" in name and pool_bn:  # as in DARTS: pooling outputs are batch-normalised
+                op = PoolBN(op, nn.BatchNorm2d(C, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
 
-    def forward(self, x: torch.Tensor, w: Sequence[torch.Tensor], active: Sequence[int]) -> Optional[torch.Tensor]:
+    def forward(self, inp: EdgeInput, w: Sequence[Weight], active: Sequence[int]) -> Optional[torch.Tensor]:
         out = None
         for k in active:
-            y = w[k] * self.ops[k](x)
-            out = y if out is None else out + y
+            op = self.ops[k]
+            if isinstance(w[k], torch.Tensor) and hasattr(op, "pre_bn"):
+                # w * bn(z) without keeping bn(z) for backward (the gradient of w recomputes it)
+                z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
+                y = scaled_batch_norm(z, bn, w[k])
+                out = y if out is None else out + y
+                continue
+            y = op.forward_relu(inp.relu) if getattr(op, "pre_relu", False) else op(inp.x)
+            out = accumulate(out, y, w[k])
         return out
 
 
@@ -65,34 +120,32 @@ class SearchCell(nn.Module):
             for i in range(nodes) for j in range(i + 2))
         self.pass_pool = nn.MaxPool2d(2, 2) if reduction and partial_channels > 1 else None
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, op_w: Sequence[Sequence[torch.Tensor]],
-                edge_w: Optional[Sequence[Sequence[torch.Tensor]]], active: Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, op_w: Sequence[Sequence[Weight]],
+                edge_w: Optional[Sequence[Sequence[Weight]]], active: Sequence[Sequence[int]]) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         B, C, H, W = states[1].shape
         out_hw = (H // 2, W // 2) if self.reduction else (H, W)
         q = C // self.K
+        inputs = [EdgeInput(h if self.K == 1 else h[:, :q]) for h in states]
         e = 0
         for i in range(self.nodes):
             part = rest = None
             for j, h in enumerate(states):
-                x = h if self.K == 1 else h[:, :q]
-                y = self.edges[e](x, op_w[e], active[e])
+                y = self.edges[e](inputs[j], op_w[e], active[e])
                 beta = edge_w[i][j] if edge_w is not None else None
-                if y is not None and beta is not None:
-                    y = beta * y
                 if y is not None:
-                    part = y if part is None else part + y
+                    part = accumulate(part, y, beta) if beta is not None else (y if part is None else part + y)
                 if self.K > 1:  # PC-DARTS: the other channels bypass the ops
                     r = h[:, q:]
                     if self.reduction and j < 2:
                         r = self.pass_pool(r)
-                    if beta is not None:
-                        r = beta * r
-                    rest = r if rest is None else rest + r
+                    rest = accumulate(rest, r, beta) if beta is not None else (r if rest is None else rest + r)
                 e += 1
             if part is None:  # every op on every edge of this node is off
                 part = states[1].new_zeros(B, q, *out_hw)
-            states.append(part if self.K == 1 else channel_shuffle_cat(part, rest, self.K))
+            node = part if self.K == 1 else channel_shuffle_cat(part, rest, self.K)    # (B, C, H', W')
+            states.append(node)
+            inputs.append(EdgeInput(node if self.K == 1 else node[:, :q]))
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
@@ -168,12 +221,9 @@ class DartsSupernet(nn.Module):
         prepared = {}
         for ct in self.cell_types:
             cw = weights[ct]
-            active = cw.resolve_active(self.none_index)
-            rows = [row.unbind(0) for row in cw.ops.unbind(0)]
-            edges = [row.unbind(0) for row in cw.edges] if cw.edges is not None else None
-            if self.edge_normalization and edges is None:
+            if self.edge_normalization and cw.edges is None:
                 raise ValueError("this supernet uses edge normalization: CellWeights.edges is required")
-            prepared[ct] = (rows, edges, active)
+            prepared[ct] = (*unpack(cw), cw.resolve_active(self.none_index))
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, *prepared["reduce" if cell.reduction else "normal"])

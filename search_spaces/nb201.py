@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .arch import CellWeights
-from .darts import MixedEdge
+from .darts import EdgeInput, MixedEdge, Weight, unpack
 from .genotypes import NB201Genotype, derive_nb201
 from .ops import NB201_OPS, ReLUConvBN, create_op
 
@@ -53,24 +53,23 @@ def _skeleton(C: int, N: int, make_cell) -> tuple[nn.Module, nn.ModuleList, int]
 class NB201SearchCell(nn.Module):
     def __init__(self, C: int, op_names: Sequence[str]):
         super().__init__()
-        self.edges = nn.ModuleList(MixedEdge(C, 1, op_names) for _ in range(N_EDGES))
-        for edge in self.edges:  # NAS-Bench-201 does not batch-normalise pooling outputs
-            for k, name in enumerate(op_names):
-                if "pool" in name:
-                    edge.ops[k] = create_op(name, C, 1, affine=False)
+        # NAS-Bench-201 does not batch-normalise pooling outputs
+        self.edges = nn.ModuleList(MixedEdge(C, 1, op_names, pool_bn=False) for _ in range(N_EDGES))
 
-    def forward(self, x: torch.Tensor, op_w: Sequence[Sequence[torch.Tensor]],
+    def forward(self, x: torch.Tensor, op_w: Sequence[Sequence[Weight]],
                 active: Sequence[Sequence[int]]) -> torch.Tensor:
         nodes = [x]
+        inputs = [EdgeInput(x)]
         e = 0
         for i in range(1, N_NODES):
             s = None
             for j in range(i):
-                y = self.edges[e](nodes[j], op_w[e], active[e])
+                y = self.edges[e](inputs[j], op_w[e], active[e])
                 if y is not None:
                     s = y if s is None else s + y
                 e += 1
             nodes.append(torch.zeros_like(x) if s is None else s)
+            inputs.append(EdgeInput(nodes[-1]))
         return nodes[-1]
 
 
@@ -114,7 +113,7 @@ class NB201Supernet(nn.Module):
     def forward(self, x: torch.Tensor, weights: Optional[Mapping[str, CellWeights]] = None) -> torch.Tensor:
         cw = (self.raw_weights() if weights is None else weights)["normal"]
         active = cw.resolve_active(self.none_index)
-        rows = [row.unbind(0) for row in cw.ops.unbind(0)]
+        rows, _ = unpack(cw)
         h = self.stem(x)
         for layer in self.layers:
             h = layer(h, rows, active) if isinstance(layer, NB201SearchCell) else layer(h)

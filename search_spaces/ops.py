@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3
+
 OpFactory = Callable[[int, int, bool], nn.Module]
 
 _OPS: dict[str, OpFactory] = {}
@@ -59,31 +61,54 @@ def create_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
     return _OPS[name](C, stride, affine)
 
 
+# Ops that begin with a ReLU set ``pre_relu`` and offer ``forward_relu(relu(x))``, so a
+# supernet computes ``relu(x)`` once per input and shares it among all the ops that read it.
+# Ops that end in a batch norm offer ``pre_bn(x, relu_x) -> (z, bn)`` with ``bn(z)`` their
+# output, so a supernet can fuse the norm with the op's architecture weight.
+
+
 class ReLUConvBN(nn.Sequential):
+    pre_relu = True
+
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
+            Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
+
+    def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self[2](self[1](r))
+
+    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
+        return self[1](r), self[2]
 
 
 class DilConv(nn.Sequential):
     """ReLU, depthwise (possibly dilated) conv, pointwise conv, BN."""
 
+    pre_relu = True
+
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int,
                  affine: bool = True):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(C_in, C_in, kernel, stride=stride, padding=padding, dilation=dilation,
-                      groups=C_in, bias=False),
-            nn.Conv2d(C_in, C_out, 1, bias=False),
+            DepthwiseConv2d(C_in, kernel, stride, padding, dilation),
+            Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
+
+    def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self[3](self[2](self[1](r)))
+
+    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
+        return self[2](self[1](r)), self[3]
 
 
 class SepConv(nn.Sequential):
     """The DARTS separable convolution: the ReLU-dw-pw-BN block applied twice."""
+
+    pre_relu = True
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
@@ -91,25 +116,40 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_out, kernel, 1, padding, 1, affine),
         )
 
+    def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].forward_relu(r))
+
+    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
+        h = self[0].forward_relu(r)
+        return self[1].pre_bn(h, F.relu(h))
+
 
 class FactorizedReduce(nn.Module):
     """Halve the resolution with two offset stride-2 1x1 convs whose outputs are concatenated."""
+
+    pre_relu = True
 
     def __init__(self, C_in: int, C_out: int, affine: bool = True):
         super().__init__()
         if C_out % 2:
             raise ValueError(f"FactorizedReduce needs an even C_out, got {C_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_1 = Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
-        shifted = x[:, :, 1:, 1:]
-        if x.shape[2] % 2 or x.shape[3] % 2:  # odd sizes: pad so both halves agree in shape
-            shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return self.forward_relu(self.relu(x))
+
+    def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
+        z, bn = self.pre_bn(None, x)
+        return bn(z)
+
+    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
+        shifted = r[:, :, 1:, 1:]
+        if r.shape[2] % 2 or r.shape[3] % 2:  # odd sizes: pad so both halves agree in shape
+            shifted = F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return torch.cat([self.conv_1(r), self.conv_2(shifted)], dim=1), self.bn
 
 
 class Zero(nn.Module):
@@ -127,9 +167,8 @@ class Zero(nn.Module):
 
 
 register_op("none")(lambda C, stride, affine: Zero(stride))
-register_op("max_pool_3x3")(lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1))
-register_op("avg_pool_3x3")(
-    lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False))
+register_op("max_pool_3x3")(lambda C, stride, affine: MaxPool3x3(stride))
+register_op("avg_pool_3x3")(lambda C, stride, affine: AvgPool3x3(stride))  # count_include_pad=False
 register_op("skip_connect")(
     lambda C, stride, affine: nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine))
 register_op("sep_conv_3x3")(lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine))
