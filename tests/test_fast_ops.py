@@ -1,0 +1,59 @@
+"""The faster CPU ops compute the same functions and gradients as the native ones."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces.fast_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3, scaled_batch_norm
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [8, 7])
+def test_pools_match_native(stride, size):
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    for mine, ref in [(AvgPool3x3(stride), lambda t: F.avg_pool2d(t, 3, stride, 1, count_include_pad=False)),
+                      (MaxPool3x3(stride), lambda t: F.max_pool2d(t, 3, stride, 1))]:
+        assert torch.allclose(mine(x), ref(x))
+        g = torch.randn_like(ref(x))
+        assert torch.allclose(torch.autograd.grad(mine(x), x, g)[0], torch.autograd.grad(ref(x), x, g)[0])
+        assert torch.autograd.gradcheck(mine, (x,))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k,d", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_depthwise_conv_gradients_match_native(stride, k, d):
+    p = d * (k - 1) // 2
+    conv = DepthwiseConv2d(4, k, stride, p, d).double()
+    ref = nn.Conv2d(4, 4, k, stride, p, d, groups=4, bias=False).double()
+    ref.load_state_dict(conv.state_dict())                       # same parameters, same state dict
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(ref(x))
+    mine = torch.autograd.grad(conv(x), (x, conv.weight), g)
+    native = torch.autograd.grad(ref(x), (x, ref.weight), g)
+    assert all(torch.allclose(a, b) for a, b in zip(mine, native))
+
+
+def test_conv_without_weight_gradient_keeps_no_input():
+    conv = Conv2d(4, 6, 3, padding=1, bias=False).double()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = conv.weight.detach()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = torch.func.functional_call(conv, {"weight": w}, (x,))
+    assert list(saved) == [w.shape]                          # only the weight is kept
+    g = torch.randn_like(out)
+    assert torch.allclose(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(F.conv2d(x, w, padding=1), x, g)[0])
+
+
+def test_scaled_batch_norm_matches_bn_times_weight():
+    bn_a, bn_b = nn.BatchNorm2d(5, affine=False).double(), nn.BatchNorm2d(5, affine=False).double()
+    z = torch.randn(4, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = scaled_batch_norm(z, bn_a, w)
+    ref = bn_b(z) * w
+    assert torch.allclose(out, ref)
+    g = torch.randn_like(ref)
+    mine, native = torch.autograd.grad(out, (z, w), g), torch.autograd.grad(ref, (z, w), g)
+    assert all(torch.allclose(a, b) for a, b in zip(mine, native))
+    assert torch.equal(bn_a.running_mean, bn_b.running_mean) and torch.equal(bn_a.running_var, bn_b.running_var)
+    assert bn_a.num_batches_tracked == bn_b.num_batches_tracked == 1
