@@ -178,7 +178,7 @@ class RetrainTrial(_Trial):
 
     def __init__(self, context: PyTorchTrialContext) -> None:
         raw = RetrainConfig.from_hparams(context.get_hparams())
-        self.genotype = search_spaces.parse_genotype(raw.genotype)
+        self.genotype = search_spaces.parse_genotype(raw.genotype, space=raw.space)
         cfg = self.cfg = raw.resolve(self.genotype.space)
         self.data_cfg = DataConfig.from_mapping(context.get_data_config())
         self.data = build_retrain_data(self.data_cfg, cfg.seed, cutout=cfg.cutout)

@@ -206,11 +206,15 @@ def _imagenet16(root: Path, split: str, download: bool, image_size: Optional[int
 @register_dataset("digits")
 def _digits(root: Path, split: str, download: bool, image_size: Optional[int]) -> ImageSet:
     """scikit-learn's 8x8 digits (shipped with the package): a seeded 80/20 train/test cut,
-    grey levels scaled to 0..255 and repeated over 3 channels."""
+    grey levels scaled to 0..255 and repeated over 3 channels; resized with ``image_size``."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.repeat((d.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None], 3, axis=-1)
+    if image_size and image_size != 8:
+        from PIL import Image
+        images = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR))
+                           for im in images])
     order = np.random.default_rng(0).permutation(len(images))
     cut = int(0.8 * len(images))
     idx = order[:cut] if split == "train" else order[cut:]

@@ -84,6 +84,7 @@ class RetrainConfig:
     """Hyperparameters of a retraining (``RetrainTrial``); unset values follow the protocol of
     the genotype's search space (``PROTOCOLS``)."""
     genotype: str                              # published name, genotype string, or genotype.json path
+    space: Optional[str] = None                # when set, the genotype must belong to this search space
     global_batch_size: int = 96
     init_channels: Optional[int] = None
     layers: Optional[int] = None               # cells (darts) or cells per stage (nas-bench-201)
@@ -114,6 +115,7 @@ class RetrainConfig:
         """Fill unset values from the protocol of ``space``."""
         values = {k: (PROTOCOLS[space][k] if v is None and k in PROTOCOLS[space] else v)
                   for k, v in self.__dict__.items()}
+        values["space"] = space
         cfg = RetrainConfig(**values)
         if cfg.epochs < 1 or cfg.global_batch_size < 1 or cfg.learning_rate <= 0:
             raise ValueError("epochs and global_batch_size must be >= 1 and learning_rate > 0")
