@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _window_counts(H: int, W: int, stride: int, like: torch.Tensor) -> torch.Tensor:
     """How many in-image pixels each 3x3 window (padding 1) covers: (1, 1, H', W')."""
     ones = torch.ones(1, 1, H, W, dtype=like.dtype, device=like.device)
@@ -30,7 +34,7 @@ class AvgPool3x3(nn.Module):
         self._counts: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _channels_last(x):  # the native kernel is fast there
             return F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
         H, W = x.shape[-2:]
         key = (H, W, x.dtype)
@@ -53,7 +57,7 @@ class MaxPool3x3(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or _channels_last(x):
             return F.max_pool2d(x, 3, self.stride, 1)
         return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, self.stride, 1).contiguous()
 
