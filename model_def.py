@@ -25,7 +25,7 @@ from determined.pytorch import DataLoader, LRScheduler, PyTorchTrial, PyTorchTri
 import optimizers
 import search_spaces
 from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data
-from nas_trial.config import RetrainConfig, SearchConfig
+from nas_trial.config import PRECISIONS, RetrainConfig, SearchConfig
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, epoch_length, write_json
 from optimizers.search import NonFiniteLossError, search_step
@@ -99,7 +99,7 @@ class SearchTrial(_Trial):
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 supernet, names + ["." + n for n in names if "." not in n])
         self.model = context.wrap_model(supernet)
-        self.supernet = supernet
+        self.supernet = optimizers.prepare_supernet(supernet, channels_last=cfg.channels_last, compile=cfg.compile)
         self.arch = optimizers.create(cfg.optimizer, supernet, cfg.arch_settings, seed=cfg.seed)
         self.w_opt = context.wrap_optimizer(torch.optim.SGD(
             supernet.weight_parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
@@ -126,7 +126,8 @@ class SearchTrial(_Trial):
         self.arch.set_progress(self.steps / max(self.total_steps - 1, 1))
         result = search_step(self.model, self.arch, x, y, xv, yv, bilevel=self.cfg.bilevel,
                              weight_backward=self.context.backward, weight_step=self._weight_step,
-                             ddp_unused=self.arch.sampled and self.world > 1)
+                             ddp_unused=self.arch.sampled and self.world > 1,
+                             autocast=PRECISIONS[self.cfg.precision], channels_last=self.cfg.channels_last)
         self.steps += 1
         metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "lr": self.w_opt.param_groups[0]["lr"]}
         if result.arch_loss is not None:

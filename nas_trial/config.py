@@ -6,9 +6,13 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+import torch
+
 import optimizers
 import search_spaces
 from optimizers.settings import from_mapping
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 # Parameters of the supernets that come from elsewhere (the data) or are not for users.
 _DERIVED = {"num_classes", "in_channels", "self"}
@@ -41,6 +45,9 @@ class SearchConfig:
     seed: int = 0
     validate_every: int = 1                   # epochs between validations (cluster runs)
     checkpoint_every: int = 1                 # epochs between checkpoints (cluster runs)
+    precision: str = "fp32"                   # fp32 | bf16 (autocast: changes numerics, on request only)
+    channels_last: bool = False               # channels-last memory format (same math)
+    compile: bool = False                     # torch.compile the supernet's forward (same math)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "SearchConfig":
@@ -62,6 +69,8 @@ class SearchConfig:
             raise ValueError("global_batch_size, epochs, validate_every and checkpoint_every must be >= 1")
         if self.learning_rate <= 0 or self.min_learning_rate < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be > 0; min_learning_rate, grad_clip and weight_decay >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
 
     @property
     def arch_settings(self) -> Mapping[str, Any]:

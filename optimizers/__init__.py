@@ -11,12 +11,12 @@ No Determined import here.
 from .architecture import (ArchitectureOptimizer, Darts, Gaea, GaeaGdas, Gdas, RandomSearch, create, entropy_stats,
                            get, names, register)
 from .eg import ExponentiatedGradient
-from .search import NonFiniteLossError, StepResult, search_step
+from .search import NonFiniteLossError, StepResult, prepare_supernet, search_step
 from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings, from_mapping
 
 __all__ = [
     "ArchitectureOptimizer", "Darts", "DartsSettings", "ExponentiatedGradient", "Gaea", "GaeaGdas",
     "GaeaGdasSettings", "GaeaSettings", "Gdas", "GdasSettings", "NonFiniteLossError", "RandomSearch",
-    "RandomSettings", "StepResult", "create", "entropy_stats", "from_mapping", "get", "names", "register",
+    "RandomSettings", "StepResult", "create", "prepare_supernet", "entropy_stats", "from_mapping", "get", "names", "register",
     "search_step",
 ]

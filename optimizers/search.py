@@ -15,6 +15,7 @@ training batch. Single-level: one training batch's loss updates both.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -74,11 +75,22 @@ def _zero_touch(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Ten
     return loss + sum(p.reshape(-1)[0] for p in params) * 0.0
 
 
+def prepare_supernet(supernet: nn.Module, channels_last: bool = False, compile: bool = False) -> nn.Module:
+    """Apply the speed options that change no math: channels-last memory format for the
+    parameters (inputs follow in ``search_step``) and ``torch.compile`` of the forward."""
+    if channels_last:
+        supernet.to(memory_format=torch.channels_last)
+    if compile:
+        supernet.compile()
+    return supernet
+
+
 def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Tensor, y_train: torch.Tensor,
                 x_val: Optional[torch.Tensor] = None, y_val: Optional[torch.Tensor] = None, *,
                 weight_step: Callable[[], None], weight_backward: Callable[[torch.Tensor], None] = None,
                 bilevel: bool = True, criterion: Callable = F.cross_entropy,
-                ddp_unused: bool = False) -> StepResult:
+                ddp_unused: bool = False, autocast: Optional[torch.dtype] = None,
+                channels_last: bool = False) -> StepResult:
     """Run one search step.
 
     Args:
@@ -92,16 +104,23 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
             cost (DDP, built with ``find_unused_parameters=False``, requires every parameter
             to get a gradient) and drop their zero gradients again, so the update is that of
             the single-process run.
+        autocast: run the forward passes under ``torch.autocast`` in this dtype (``torch.bfloat16``).
+        channels_last: feed the batches in channels-last memory format (see ``prepare_supernet``).
     """
     weight_backward = weight_backward or (lambda loss: loss.backward())
+    if channels_last:
+        x_train = x_train.contiguous(memory_format=torch.channels_last)
+        x_val = x_val.contiguous(memory_format=torch.channels_last) if x_val is not None else None
+    amp = (lambda: torch.autocast(x_train.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
     supernet = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     arch_loss = None
 
     if bilevel and arch.learns:
         if x_val is None or y_val is None:
             raise ValueError("bilevel search needs a held-out batch (x_val, y_val)")
-        logits = functional_call(supernet, detached_weights(supernet), (x_val, arch.weights()), strict=False)
-        arch_loss = criterion(logits, y_val)
+        with amp():
+            logits = functional_call(supernet, detached_weights(supernet), (x_val, arch.weights()), strict=False)
+            arch_loss = criterion(logits.float(), y_val)
         _check_finite(arch_loss, "architecture loss")
         torch.autograd.backward(arch_loss, inputs=arch.parameters())
         arch.sync_grads()
@@ -111,8 +130,9 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
 
     single = not bilevel and arch.learns
     weights = arch.weights(detach=not single)
-    logits = model(x_train, weights)
-    loss = criterion(logits, y_train)
+    with amp():
+        logits = model(x_train, weights)
+        loss = criterion(logits.float(), y_train)
     _check_finite(loss, "training loss")
     unused = unreachable_parameters(loss, supernet.weight_parameters()) if ddp_unused else []
     weight_backward(_zero_touch(loss, unused))
