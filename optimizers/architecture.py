@@ -51,6 +51,10 @@ class ArchitectureOptimizer:
         self.supernet = supernet
         self.settings = settings
         self.seed = seed
+        # The parameter sets never change: list them once (walking the modules every step costs).
+        self._arch_params = list(supernet.arch_parameters())
+        arch_ids = {id(p) for p in self._arch_params}
+        self.weight_named_parameters = [(n, p) for n, p in supernet.named_parameters() if id(p) not in arch_ids]
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = 0.0
         self.reset_parameters()
@@ -78,7 +82,7 @@ class ArchitectureOptimizer:
 
     # -- update ----------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
-        return list(self.supernet.arch_parameters()) if self.learns else []
+        return self._arch_params if self.learns else []
 
     def sync_grads(self) -> None:
         """Average architecture gradients over ranks (they are kept out of DDP's buckets)."""

@@ -44,10 +44,9 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
                                  "written; lower the learning rate or check the data")
 
 
-def detached_weights(supernet: nn.Module) -> dict[str, torch.Tensor]:
+def detached_weights(arch: ArchitectureOptimizer) -> dict[str, torch.Tensor]:
     """The supernet's weight parameters, detached (they take no gradient in the architecture step)."""
-    arch = {id(p) for p in supernet.arch_parameters()}
-    return {n: p.detach() for n, p in supernet.named_parameters() if id(p) not in arch}
+    return {n: p.detach() for n, p in arch.weight_named_parameters}
 
 
 def unreachable_parameters(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> list[nn.Parameter]:
@@ -119,7 +118,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         if x_val is None or y_val is None:
             raise ValueError("bilevel search needs a held-out batch (x_val, y_val)")
         with amp():
-            logits = functional_call(supernet, detached_weights(supernet), (x_val, arch.weights()), strict=False)
+            logits = functional_call(supernet, detached_weights(arch), (x_val, arch.weights()), strict=False)
             arch_loss = criterion(logits.float(), y_val)
         _check_finite(arch_loss, "architecture loss")
         torch.autograd.backward(arch_loss, inputs=arch.parameters())
@@ -134,7 +133,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         logits = model(x_train, weights)
         loss = criterion(logits.float(), y_train)
     _check_finite(loss, "training loss")
-    unused = unreachable_parameters(loss, supernet.weight_parameters()) if ddp_unused else []
+    unused = unreachable_parameters(loss, [p for _, p in arch.weight_named_parameters]) if ddp_unused else []
     weight_backward(_zero_touch(loss, unused))
     for p in unused:
         p.grad = None
