@@ -57,3 +57,15 @@ def test_scaled_batch_norm_matches_bn_times_weight():
     assert all(torch.allclose(a, b) for a, b in zip(mine, native))
     assert torch.equal(bn_a.running_mean, bn_b.running_mean) and torch.equal(bn_a.running_var, bn_b.running_var)
     assert bn_a.num_batches_tracked == bn_b.num_batches_tracked == 1
+
+
+
+def test_max_pool_recomputes_instead_of_keeping_indices():
+    pool = MaxPool3x3(1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = pool(x)
+    assert len(saved) == 1 and saved[0] is x            # no int64 indices, no channels-last copy
+    g = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(F.max_pool2d(x, 3, 1, 1), x, g)[0])
