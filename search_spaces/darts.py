@@ -10,7 +10,7 @@ from torch import nn
 
 from .arch import CellWeights
 from .genotypes import DartsGenotype, derive_darts
-from .fast_ops import scaled_batch_norm
+from .fast_ops import AvgPool3x3, MaxPool3x3, scaled_batch_norm, scaled_recompute
 from .ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, create_op
 
 
@@ -92,6 +92,10 @@ class MixedEdge(nn.Module):
                 # w * bn(z) without keeping bn(z) for backward (the gradient of w recomputes it)
                 z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
                 y = scaled_batch_norm(z, bn, w[k])
+                out = y if out is None else out + y
+                continue
+            if isinstance(op, (AvgPool3x3, MaxPool3x3)) and isinstance(w[k], torch.Tensor):
+                y = scaled_recompute(op, inp.x, w[k])   # pooling without BN (NAS-Bench-201)
                 out = y if out is None else out + y
                 continue
             y = op.forward_relu(inp.relu) if getattr(op, "pre_relu", False) else op(inp.x)

@@ -196,3 +196,31 @@ def scaled_batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, w) -> torch.Tensor:
     bn.num_batches_tracked.add_(1)
     momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return _ScaledBatchNorm.apply(z, w, bn.running_mean, bn.running_var, momentum, bn.eps)
+
+
+class _ScaledRecompute(torch.autograd.Function):
+    """``w * fn(x)`` for a cheap parameter-free ``fn`` (pooling), keeping only ``x`` for
+    backward: ``fn(x)``, needed for the gradient of ``w``, is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x, w, fn):
+        ctx.save_for_backward(x, w)
+        ctx.fn = fn
+        return fn(x) * w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = ctx.fn(xg)
+        grad_w = (grad * y.detach()).sum().reshape(w.shape) if ctx.needs_input_grad[1] else None
+        grad_x = torch.autograd.grad(y, xg, grad * w)[0] if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, None
+
+
+def scaled_recompute(fn, x: torch.Tensor, w) -> torch.Tensor:
+    """``w * fn(x)``; while ``w`` takes a gradient, without keeping ``fn(x)`` for backward."""
+    if isinstance(w, torch.Tensor) and w.requires_grad and torch.is_grad_enabled():
+        return _ScaledRecompute.apply(x, w, fn)
+    return fn(x) * w
