@@ -126,3 +126,12 @@ def test_yaml_overrides_and_hyperparameter_points(tmp_path):
     assert cfg["data"]["subset"] == 100 and cfg["hyperparameters"]["space_args"]["C"] == 8
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(cfg, ["novalue"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["precision=bf16", "channels_last=true"])
+def test_search_options_run_in_the_trial(tmp_path, option):
+    cfg = tiny_config(tmp_path, space="darts", space_args={"C": 4, "layers": 3, "partial_channels": 2,
+                                                           "edge_normalization": True})
+    proc = ok(run_model_def(str(cfg), "--max-batches", "2", "--set", option, "--output", str(tmp_path / "o")))
+    assert "finished at batch 2" in proc.stdout
