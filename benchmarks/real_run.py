@@ -14,6 +14,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,11 +88,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    import torch
-    torch.set_flush_denormal(True)
+    if args.worker:  # one space per process, so the peak memory is its own
+        import torch
+        torch.set_flush_denormal(True)
+        print(json.dumps(run(args.spaces[0], args)), flush=True)
+        return
     for name in args.spaces:
-        print(json.dumps(run(name, args)), flush=True)
+        cmd = [sys.executable, __file__, "--worker", "--spaces", name, "--root", args.root, "--device", args.device,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers)]
+        cmd += ["--batch", str(args.batch)] if args.batch else []
+        cmd += ["--bf16"] if args.bf16 else []
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        out = proc.stdout.strip().splitlines()
+        print(out[-1] if proc.returncode == 0 and out else json.dumps(
+            {"space": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}), flush=True)
 
 
 if __name__ == "__main__":
