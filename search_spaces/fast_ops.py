@@ -132,14 +132,16 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         shape, stride, padding, dilation = ctx.conf
+        w = weight.to(grad.dtype)  # under autocast the forward ran in the gradient's dtype
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             if stride == 1:
-                grad_x = F.conv2d(grad, weight.flip(-1, -2), None, 1, padding, dilation, shape[1])
+                grad_x = F.conv2d(grad, w.flip(-1, -2), None, 1, padding, dilation, shape[1])
             else:
-                grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, shape[1])
+                grad_x = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, shape[1])
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x, grad, weight.shape[-1], stride, padding, dilation)
+            grad_w = depthwise_weight_grad(x.to(grad.dtype), grad, weight.shape[-1], stride, padding, dilation)
+            grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None, None, None
 
 

@@ -85,3 +85,16 @@ def test_scaled_recompute_matches_and_keeps_only_the_input():
     assert torch.allclose(out, ref)
     assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(out, (x, w), g),
                                                      torch.autograd.grad(ref, (x, w), g)))
+
+
+def test_supernet_trains_under_bf16_autocast():
+    import optimizers
+    import search_spaces
+    net = search_spaces.create("darts", C=8, layers=3, partial_channels=2, edge_normalization=True)
+    arch = optimizers.create("gaea", net)
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.01)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    r = optimizers.search_step(net, arch, x, y, x, y, weight_step=lambda: (sgd.step(), sgd.zero_grad()),
+                               autocast=torch.bfloat16)
+    assert torch.isfinite(r.loss) and torch.isfinite(r.arch_loss)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
