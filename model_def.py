@@ -127,7 +127,7 @@ class SearchTrial(_Trial):
         result = search_step(self.model, self.arch, x, y, xv, yv, bilevel=self.cfg.bilevel,
                              weight_backward=self.context.backward, weight_step=self._weight_step,
                              ddp_unused=self.arch.sampled and self.world > 1,
-                             autocast=PRECISIONS[self.cfg.precision], channels_last=self.cfg.channels_last)
+                             autocast=PRECISIONS[self.cfg.precision])
         self.steps += 1
         metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "lr": self.w_opt.param_groups[0]["lr"]}
         if result.arch_loss is not None:

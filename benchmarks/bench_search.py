@@ -12,8 +12,10 @@ seconds per step, images per second (both batches counted), peak RSS, peak CUDA 
 every option in force.
 
 Spaces: PC-DARTS (C=16, 8 cells, K=4, edge normalization) and NAS-Bench-201 (C=16, N=5).
-Options, each measured on its own: ``default`` (fp32, bilevel, NCHW, eager), ``single_level``,
-``bf16`` (autocast), ``channels_last``, ``compile`` (torch.compile).
+Options, each measured on its own: ``default`` (fp32, bilevel, eager, the memory format the
+supernet prefers on the device: channels-last for NAS-Bench-201 on CPU, NCHW otherwise),
+``single_level``, ``bf16`` (autocast), ``channels_last`` and ``contiguous`` (that format forced),
+``compile`` (torch.compile).
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ OPTIONS = {
     "single_level": {"bilevel": False},
     "bf16": {"precision": "bf16"},
     "channels_last": {"channels_last": True},
+    "contiguous": {"channels_last": False},
     "compile": {"compile": True},
 }
 
@@ -52,11 +55,13 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    opts = {"bilevel": True, "precision": "fp32", "channels_last": False, "compile": False, **OPTIONS[args.option]}
+    opts = {"bilevel": True, "precision": "fp32", "channels_last": None, "compile": False, **OPTIONS[args.option]}
     space, space_args = SPACES[args.space]
     torch.manual_seed(0)
     net = search_spaces.create(space, num_classes=10, **space_args).to(device)
     optimizers.prepare_supernet(net, channels_last=opts["channels_last"], compile=opts["compile"])
+    stem = next(p for p in net.parameters() if p.dim() == 4)
+    layout = "channels_last" if not stem.is_contiguous() else "contiguous"
     arch = optimizers.create("gaea", net, {"lr": 0.1, "edge_lr": 0.1})
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
 
@@ -76,7 +81,7 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizers.search_step(net, arch, x, y, xv, yv, weight_step=weight_step, bilevel=opts["bilevel"],
-                               autocast=autocast, channels_last=opts["channels_last"])
+                               autocast=autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
@@ -89,7 +94,7 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
             "steps_timed": args.steps, "warmup": args.warmup, "step_min": round(min(times), 4),
             "step_max": round(max(times), 4), "option": args.option,
-            "options": {**opts, "arch_optimizer": "gaea", "dtype": "float32", **space_args, "input": "3x32x32",
+            "options": {**opts, "layout": layout, "arch_optimizer": "gaea", "dtype": "float32", **space_args, "input": "3x32x32",
                         "classes": 10},
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d")}
@@ -99,7 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spaces", nargs="+", default=list(SPACES), choices=list(SPACES))
     p.add_argument("--batches", nargs="+", type=int, default=[64, 32])
-    p.add_argument("--options", nargs="+", default=["default", "single_level", "bf16", "channels_last"],
+    p.add_argument("--options", nargs="+", default=["default", "single_level", "bf16", "channels_last", "contiguous"],
                    choices=list(OPTIONS))
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=os.cpu_count())

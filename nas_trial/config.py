@@ -46,7 +46,7 @@ class SearchConfig:
     validate_every: int = 1                   # epochs between validations (cluster runs)
     checkpoint_every: int = 1                 # epochs between checkpoints (cluster runs)
     precision: str = "fp32"                   # fp32 | bf16 (autocast: changes numerics, on request only)
-    channels_last: bool = False               # channels-last memory format (same math)
+    channels_last: Optional[bool] = None      # memory format (same math); null: the space's choice for the device
     compile: bool = False                     # torch.compile the supernet's forward (same math)
 
     @classmethod

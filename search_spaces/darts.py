@@ -10,7 +10,7 @@ from torch import nn
 
 from .arch import CellWeights
 from .genotypes import DartsGenotype, derive_darts
-from .fast_ops import AvgPool3x3, MaxPool3x3, scaled_batch_norm, scaled_recompute
+from .fast_ops import AvgPool3x3, MaxPool3x3, like_layout, scaled_batch_norm
 from .ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, create_op
 
 
@@ -25,19 +25,26 @@ def channel_shuffle_cat(part: torch.Tensor, rest: torch.Tensor, groups: int) -> 
 
 
 class EdgeInput:
-    """An edge's input and, computed at most once and shared by every op that starts with a
-    ReLU, its ReLU."""
+    """An edge's input and what every edge reading it can share, each computed at most once:
+    its ReLU (for the ops that start with one) and its pooled versions (pooling ops have no
+    parameters, so ``max_pool_3x3`` of a node is the same on every edge leaving it)."""
 
-    __slots__ = ("x", "_relu")
+    __slots__ = ("x", "_relu", "_pooled")
 
     def __init__(self, x: torch.Tensor):
-        self.x, self._relu = x, None
+        self.x, self._relu, self._pooled = x, None, {}
 
     @property
     def relu(self) -> torch.Tensor:
         if self._relu is None:
             self._relu = F.relu(self.x)
         return self._relu
+
+    def pooled(self, pool: nn.Module) -> torch.Tensor:
+        key = (type(pool), pool.stride)
+        if key not in self._pooled:
+            self._pooled[key] = pool(self.x)
+        return self._pooled[key]
 
 
 Weight = Union[torch.Tensor, float]
@@ -87,19 +94,25 @@ class MixedEdge(nn.Module):
     def forward(self, inp: EdgeInput, w: Sequence[Weight], active: Sequence[int]) -> Optional[torch.Tensor]:
         out = None
         for k in active:
-            op = self.ops[k]
-            if isinstance(w[k], torch.Tensor) and hasattr(op, "pre_bn"):
-                # w * bn(z) without keeping bn(z) for backward (the gradient of w recomputes it)
-                z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
-                y = scaled_batch_norm(z, bn, w[k])
+            op, wk = self.ops[k], w[k]
+            if isinstance(wk, torch.Tensor) and (isinstance(op, PoolBN) or hasattr(op, "pre_bn")):
+                # w * bn(z) in one kernel, without keeping bn(z) for backward
+                if isinstance(op, PoolBN):
+                    z, bn = inp.pooled(op[0]), op[1]
+                else:
+                    z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
+                y = scaled_batch_norm(z, bn, wk)
                 out = y if out is None else out + y
                 continue
-            if isinstance(op, (AvgPool3x3, MaxPool3x3)) and isinstance(w[k], torch.Tensor):
-                y = scaled_recompute(op, inp.x, w[k])   # pooling without BN (NAS-Bench-201)
-                out = y if out is None else out + y
-                continue
-            y = op.forward_relu(inp.relu) if getattr(op, "pre_relu", False) else op(inp.x)
-            out = accumulate(out, y, w[k])
+            if isinstance(op, PoolBN):
+                y = op[1](inp.pooled(op[0]))
+            elif isinstance(op, (AvgPool3x3, MaxPool3x3)):
+                y = inp.pooled(op)            # NAS-Bench-201: no batch norm after pooling
+            elif getattr(op, "pre_relu", False):
+                y = op.forward_relu(inp.relu)
+            else:
+                y = op(inp.x)
+            out = accumulate(out, y, wk)
         return out
 
 
@@ -164,6 +177,7 @@ class DartsSupernet(nn.Module):
 
     space = "darts"
     cell_types = ("normal", "reduce")
+    cpu_channels_last = False  # its 4-16-channel depthwise ops run slower in channels-last on CPU
 
     def __init__(self, C: int = 16, num_classes: int = 10, layers: int = 8, nodes: int = 4, multiplier: int = 4,
                  stem_multiplier: int = 3, partial_channels: int = 1, edge_normalization: bool = False,
@@ -228,7 +242,7 @@ class DartsSupernet(nn.Module):
             if self.edge_normalization and cw.edges is None:
                 raise ValueError("this supernet uses edge normalization: CellWeights.edges is required")
             prepared[ct] = (*unpack(cw), cw.resolve_active(self.none_index))
-        s0 = s1 = self.stem(x)
+        s0 = s1 = self.stem(like_layout(x, self.stem[0].weight))
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, *prepared["reduce" if cell.reduction else "normal"])
         out = self.global_pooling(s1).flatten(1)                                    # (B, C_prev)

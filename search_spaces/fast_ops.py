@@ -11,7 +11,8 @@ Measured on the project's 2-core CPU machines (torch 2.14, fp32, NCHW, batch 64)
   natively, 1.4 ms as a grouped correlation of input and output gradient; the input
   gradient of a dilated 5x5 kernel at 64x4x32x32 3.1 ms natively, 0.5 ms as a forward
   convolution with the flipped kernel;
-* fused ``w * batch_norm(z)`` and ``w * pool(x)`` that keep only their inputs for backward.
+* ``w * batch_norm(z)`` as one batch-norm kernel each way (``w`` as the affine weight), keeping
+  only z and the batch statistics for backward.
 
 Results agree with the native ops to float rounding (the same sums in another order). On
 CUDA the native kernels are used.
@@ -25,6 +26,11 @@ from torch import nn
 
 def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def like_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` in the memory format of ``weight`` (a supernet's input follows its parameters)."""
+    return x.contiguous(memory_format=torch.channels_last if _channels_last(weight) else torch.contiguous_format)
 
 
 def _window_counts(H: int, W: int, stride: int, like: torch.Tensor) -> torch.Tensor:
@@ -187,63 +193,40 @@ class Conv2d(nn.Conv2d):
 
 
 class _ScaledBatchNorm(torch.autograd.Function):
-    """``w * batch_norm(z)`` (training mode, no affine) saving z and the batch statistics but
-    not the normalized output, which backward recomputes for the gradient of ``w``."""
+    """``w * batch_norm(z)`` (training mode, no affine) as one batch-norm kernel whose affine
+    weight is ``w`` repeated per channel: saves z and the batch statistics, not the
+    normalized output; the backward is one batch-norm backward kernel that also yields the
+    gradient of ``w`` (the sum of the per-channel weight gradients)."""
 
     @staticmethod
     def forward(ctx, z, w, running_mean, running_var, momentum, eps):
-        y, mean, invstd = torch.native_batch_norm(z, None, None, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(z, w, mean, invstd)
-        ctx.eps = eps
-        return y * w
+        weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                # (C,)
+        y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(z, weight, mean, invstd)
+        ctx.eps, ctx.w_shape = eps, w.shape
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        z, w, mean, invstd = ctx.saved_tensors
-        grad_z = grad_w = None
-        if ctx.needs_input_grad[1]:
-            y = (z - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
-            grad_w = (grad * y).sum().reshape(w.shape)
-        if ctx.needs_input_grad[0]:
-            grad_z = torch.ops.aten.native_batch_norm_backward(
-                grad * w, z, None, None, None, mean, invstd, True, ctx.eps, [True, False, False])[0]
+        z, weight, mean, invstd = ctx.saved_tensors
+        need_z, need_w = ctx.needs_input_grad[:2]
+        grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, ctx.eps,
+            [need_z, need_w, False])
+        grad_w = grad_weight.sum().reshape(ctx.w_shape) if need_w else None
         return grad_z, grad_w, None, None, None, None
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
 def scaled_batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, w) -> torch.Tensor:
     """``w * bn(z)`` for an affine-free ``bn``; in training with a ``w`` that takes gradients,
-    without keeping ``bn(z)`` for backward."""
+    in one kernel each way, without keeping ``bn(z)`` for backward."""
     if not (bn.training and isinstance(w, torch.Tensor) and w.requires_grad and bn.affine is False
-            and bn.track_running_stats and torch.is_grad_enabled()):
+            and bn.track_running_stats and torch.is_grad_enabled() and w.numel() == 1):
         return bn(z) * w
     bn.num_batches_tracked.add_(1)
     momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     return _ScaledBatchNorm.apply(z, w, bn.running_mean, bn.running_var, momentum, bn.eps)
-
-
-class _ScaledRecompute(torch.autograd.Function):
-    """``w * fn(x)`` for a cheap parameter-free ``fn`` (pooling), keeping only ``x`` for
-    backward: ``fn(x)``, needed for the gradient of ``w``, is recomputed."""
-
-    @staticmethod
-    def forward(ctx, x, w, fn):
-        ctx.save_for_backward(x, w)
-        ctx.fn = fn
-        return fn(x) * w
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
-            y = ctx.fn(xg)
-        grad_w = (grad * y.detach()).sum().reshape(w.shape) if ctx.needs_input_grad[1] else None
-        grad_x = torch.autograd.grad(y, xg, grad * w)[0] if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w, None
-
-
-def scaled_recompute(fn, x: torch.Tensor, w) -> torch.Tensor:
-    """``w * fn(x)``; while ``w`` takes a gradient, without keeping ``fn(x)`` for backward."""
-    if isinstance(w, torch.Tensor) and w.requires_grad and torch.is_grad_enabled():
-        return _ScaledRecompute.apply(x, w, fn)
-    return fn(x) * w

@@ -10,6 +10,7 @@ from torch import nn
 
 from .arch import CellWeights
 from .darts import EdgeInput, MixedEdge, Weight, unpack
+from .fast_ops import like_layout
 from .genotypes import NB201Genotype, derive_nb201
 from .ops import NB201_OPS, ReLUConvBN, create_op
 
@@ -80,6 +81,7 @@ class NB201Supernet(nn.Module):
     space = "nas-bench-201"
     cell_types = ("normal",)
     edge_normalization = False
+    cpu_channels_last = True   # the layout its convolutions run fastest in on CPU (see prepare_supernet)
 
     def __init__(self, C: int = 16, layers: int = 5, num_classes: int = 10, exclude_none: bool = False):
         super().__init__()
@@ -114,7 +116,7 @@ class NB201Supernet(nn.Module):
         cw = (self.raw_weights() if weights is None else weights)["normal"]
         active = cw.resolve_active(self.none_index)
         rows, _ = unpack(cw)
-        h = self.stem(x)
+        h = self.stem(like_layout(x, self.stem[0].weight))
         for layer in self.layers:
             h = layer(h, rows, active) if isinstance(layer, NB201SearchCell) else layer(h)
         h = self.global_pooling(self.lastact(h)).flatten(1)                         # (B, 4C)

@@ -144,23 +144,42 @@ def cell_op_name(cell, k):
     return DARTS_OPS[k]
 
 
+@pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("reduction", [False, True])
-def test_pc_darts_cell_matches_the_published_formulation(reduction):
+def test_pc_darts_cell_matches_the_published_formulation(reduction, train):
+    """Outputs and, in training mode (batch statistics, pooling shared by the edges leaving a
+    node, fused weight-times-norm kernels), the architecture gradients too."""
     from search_spaces.darts import SearchCell
     torch.manual_seed(1)
-    cell = SearchCell(16, 16, 16, reduction, False, DARTS_OPS, nodes=4, multiplier=4, partial_channels=4)
-    cell.eval()
-    s0, s1 = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
-    op_w = torch.softmax(torch.randn(14, 8), -1)
-    edge_w = [torch.softmax(torch.randn(i + 2), -1) for i in range(4)]
+    cell = SearchCell(16, 16, 16, reduction, False, DARTS_OPS, nodes=4, multiplier=4, partial_channels=4).double()
+    cell.train(train)
+    s0, s1 = torch.randn(2, 16, 8, 8, dtype=torch.float64), torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    op_w = torch.softmax(torch.randn(14, 8, dtype=torch.float64), -1).requires_grad_(train)
+    edge_w = [torch.softmax(torch.randn(i + 2, dtype=torch.float64), -1).requires_grad_(train) for i in range(4)]
     active = CellWeights(op_w).resolve_active(0)
-    with torch.no_grad():
+    with torch.set_grad_enabled(train):
         out = cell(s0, s1, [r.unbind(0) for r in op_w.unbind(0)], [b.unbind(0) for b in edge_w], active)
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
         for node in range(4):
             states.append(_reference_pc_node(cell, states, op_w, edge_w, node))
         ref = torch.cat(states[-4:], 1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    if train:
+        g = torch.randn_like(ref)
+        mine = torch.autograd.grad(out, [op_w, *edge_w, *cell.parameters()], g)
+        theirs = torch.autograd.grad(ref, [op_w, *edge_w, *cell.parameters()], g)
+        for a, b in zip(mine, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_pooling_runs_once_per_node_not_per_edge():
+    net = create("nas-bench-201", C=4, layers=1)
+    pools = []
+    for m in net.modules():
+        if type(m).__name__ == "AvgPool3x3":
+            m.register_forward_hook(lambda mod, i, o: pools.append(o))
+    net(torch.randn(2, 3, 8, 8))
+    assert len(pools) == 3 * 3  # 3 cells x 3 nodes with outgoing edges (6 edges each)
 
 
 def test_channel_shuffle_cat_is_cat_then_shuffle():
