@@ -97,11 +97,12 @@ class MixedEdge(nn.Module):
             op, wk = self.ops[k], w[k]
             if isinstance(wk, torch.Tensor) and (isinstance(op, PoolBN) or hasattr(op, "pre_bn")):
                 # w * bn(z) in one kernel, without keeping bn(z) for backward
-                if isinstance(op, PoolBN):
-                    z, bn = inp.pooled(op[0]), op[1]
+                if hasattr(op, "scaled"):
+                    y = op.scaled(inp.x, inp.relu, wk)
                 else:
-                    z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
-                y = scaled_batch_norm(z, bn, wk)
+                    z, bn = (inp.pooled(op[0]), op[1]) if isinstance(op, PoolBN) else \
+                        op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
+                    y = scaled_batch_norm(z, bn, wk)
                 out = y if out is None else out + y
                 continue
             if isinstance(op, PoolBN):

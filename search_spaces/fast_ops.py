@@ -217,6 +217,47 @@ class _ScaledBatchNorm(torch.autograd.Function):
         return grad_z, grad_w, None, None, None, None
 
 
+class _ScaledConvBatchNorm(torch.autograd.Function):
+    """``w * batch_norm(conv(r))`` for a convolution whose weight takes no gradient (the
+    architecture step): keeps only ``r`` (which the ReLU before it keeps anyway) and the
+    batch statistics, and recomputes the convolution output in backward."""
+
+    @staticmethod
+    def forward(ctx, r, conv_weight, w, running_mean, running_var, momentum, eps, conf):
+        z = F.conv2d(r, conv_weight, None, *conf)
+        weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                # (C,)
+        y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(r, conv_weight, weight, mean, invstd)
+        ctx.eps, ctx.w_shape, ctx.conf = eps, w.shape, conf
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, conv_weight, weight, mean, invstd = ctx.saved_tensors
+        need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        z = F.conv2d(r, conv_weight, None, *ctx.conf)
+        grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, ctx.eps,
+            [need_r, need_w, False])
+        del z
+        grad_r = torch.nn.grad.conv2d_input(r.shape, conv_weight, grad_z, *ctx.conf) if need_r else None
+        grad_w = grad_weight.sum().reshape(ctx.w_shape) if need_w else None
+        return grad_r, None, grad_w, None, None, None, None, None
+
+
+def scaled_conv_batch_norm(r: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, w) -> torch.Tensor:
+    """``w * bn(conv(r))``; when the convolution's weight takes no gradient and ``w`` does,
+    keeping neither the convolution's output nor the norm's (see ``_ScaledConvBatchNorm``)."""
+    if conv.weight.requires_grad or conv.bias is not None or not torch.is_grad_enabled() \
+            or not (isinstance(w, torch.Tensor) and w.requires_grad and w.numel() == 1) \
+            or not (bn.training and bn.affine is False and bn.track_running_stats):
+        return scaled_batch_norm(conv(r), bn, w)
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _ScaledConvBatchNorm.apply(r, conv.weight, w, bn.running_mean, bn.running_var, momentum, bn.eps, conf)
+
+
 def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
