@@ -59,6 +59,25 @@ def test_scaled_batch_norm_matches_bn_times_weight():
     assert bn_a.num_batches_tracked == bn_b.num_batches_tracked == 1
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_scaled_conv_batch_norm_recomputes_the_convolution(k):
+    from search_spaces.fast_ops import scaled_conv_batch_norm
+    conv = Conv2d(4, 4, k, padding=k // 2, bias=False).double().requires_grad_(False)  # architecture step
+    bn_a, bn_b = nn.BatchNorm2d(4, affine=False).double(), nn.BatchNorm2d(4, affine=False).double()
+    r = torch.randn(3, 4, 6, 6, dtype=torch.float64).relu().requires_grad_()
+    w = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = scaled_conv_batch_norm(r, conv, bn_a, w)
+    assert not any(t.shape == out.shape and t is not r for t in saved)   # no (B, C, H, W) tensor but r
+    ref = bn_b(F.conv2d(r, conv.weight, padding=k // 2)) * w
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (r, w), g), torch.autograd.grad(ref, (r, w), g)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(bn_a.running_var, bn_b.running_var)
+
+
 def test_max_pool_recomputes_instead_of_keeping_indices():
     pool = MaxPool3x3(1)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
