@@ -98,8 +98,10 @@ class SearchTrial(_Trial):
             names = [n for n, _ in supernet.arch_named_parameters()]
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 supernet, names + ["." + n for n in names if "." not in n])
+        # Memory format before DDP wraps the supernet (its buckets follow the parameters' layout).
+        self.supernet = optimizers.prepare_supernet(supernet, channels_last=cfg.channels_last, compile=cfg.compile,
+                                                    device=context.device)
         self.model = context.wrap_model(supernet)
-        self.supernet = optimizers.prepare_supernet(supernet, channels_last=cfg.channels_last, compile=cfg.compile)
         self.arch = optimizers.create(cfg.optimizer, supernet, cfg.arch_settings, seed=cfg.seed)
         self.w_opt = context.wrap_optimizer(torch.optim.SGD(
             supernet.weight_parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay))

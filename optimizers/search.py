@@ -74,8 +74,11 @@ def _zero_touch(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Ten
     return loss + sum(p.reshape(-1)[0] for p in params) * 0.0
 
 
-def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, compile: bool = False) -> nn.Module:
-    """Apply the speed options that change no math, on the device the supernet is on now.
+def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, compile: bool = False,
+                     device: Optional[torch.device] = None) -> nn.Module:
+    """Apply the speed options that change no math, for the device the supernet will run on
+    (``device``, by default the one it is on now). Call it before wrapping the supernet in
+    DistributedDataParallel, which builds its gradient buckets from the parameters' layout.
 
     ``channels_last``: the memory format of the parameters, which the supernet's forward
     gives its input too. ``None`` picks the supernet's own preference for that device
@@ -83,7 +86,7 @@ def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, 
     oneDNN's channels-last layout; the DARTS space's 4-16-channel depthwise ops do not).
     ``compile``: ``torch.compile`` of the forward."""
     if channels_last is None:
-        device = next(supernet.parameters()).device
+        device = torch.device(device) if device is not None else next(supernet.parameters()).device
         channels_last = device.type == "cpu" and getattr(supernet, "cpu_channels_last", False)
     supernet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if compile:

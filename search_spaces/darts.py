@@ -74,9 +74,6 @@ class PoolBN(nn.Sequential):
     """A pooling op followed by an affine-free batch norm, as pooling outputs are in the
     DARTS supernet."""
 
-    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
-        return self[0](x), self[1]
-
 
 class MixedEdge(nn.Module):
     """All candidate ops on one edge; ``forward`` sums ``w[k] * op_k(x)`` over the active ops."""
@@ -96,13 +93,7 @@ class MixedEdge(nn.Module):
         for k in active:
             op, wk = self.ops[k], w[k]
             if isinstance(wk, torch.Tensor) and (isinstance(op, PoolBN) or hasattr(op, "pre_bn")):
-                # w * bn(z) in one kernel, without keeping bn(z) for backward
-                if hasattr(op, "scaled"):
-                    y = op.scaled(inp.x, inp.relu, wk)
-                else:
-                    z, bn = (inp.pooled(op[0]), op[1]) if isinstance(op, PoolBN) else \
-                        op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
-                    y = scaled_batch_norm(z, bn, wk)
+                y = self._scaled(op, inp, wk)
                 out = y if out is None else out + y
                 continue
             if isinstance(op, PoolBN):
@@ -115,6 +106,18 @@ class MixedEdge(nn.Module):
                 y = op(inp.x)
             out = accumulate(out, y, wk)
         return out
+
+    @staticmethod
+    def _scaled(op: nn.Module, inp: EdgeInput, w: torch.Tensor) -> torch.Tensor:
+        """``w * op(x)`` for an op ending in an affine-free batch norm, with ``w`` as the
+        norm's affine weight (one kernel each way, the norm's output not kept)."""
+        if hasattr(op, "scaled"):
+            return op.scaled(inp.x, inp.relu, w)
+        if isinstance(op, PoolBN):
+            z, bn = inp.pooled(op[0]), op[1]
+        else:
+            z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
+        return scaled_batch_norm(z, bn, w)
 
 
 class SearchCell(nn.Module):

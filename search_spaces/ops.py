@@ -64,7 +64,8 @@ def create_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
 # Ops that begin with a ReLU set ``pre_relu`` and offer ``forward_relu(relu(x))``, so a
 # supernet computes ``relu(x)`` once per input and shares it among all the ops that read it.
 # Ops that end in a batch norm offer ``pre_bn(x, relu_x) -> (z, bn)`` with ``bn(z)`` their
-# output, so a supernet can fuse the norm with the op's architecture weight.
+# output, so a supernet can fuse the norm with the op's architecture weight; ``scaled(x, r, w)``,
+# where offered, computes ``w * op(x)`` itself.
 
 
 class ReLUConvBN(nn.Sequential):
