@@ -224,6 +224,7 @@ class _ScaledConvBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, conv_weight, w, running_mean, running_var, momentum, eps, conf):
+        conv_weight = conv_weight.to(r.dtype)  # under autocast r arrives in the autocast dtype
         z = F.conv2d(r, conv_weight, None, *conf)
         weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                # (C,)
         y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)

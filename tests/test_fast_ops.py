@@ -89,10 +89,12 @@ def test_max_pool_recomputes_instead_of_keeping_indices():
     assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(F.max_pool2d(x, 3, 1, 1), x, g)[0])
 
 
-def test_supernet_trains_under_bf16_autocast():
+@pytest.mark.parametrize("space,kw", [("darts", {"C": 8, "layers": 3, "partial_channels": 2, "edge_normalization": True}),
+                                      ("nas-bench-201", {"C": 4, "layers": 1})])
+def test_supernet_trains_under_bf16_autocast(space, kw):
     import optimizers
     import search_spaces
-    net = search_spaces.create("darts", C=8, layers=3, partial_channels=2, edge_normalization=True)
+    net = optimizers.prepare_supernet(search_spaces.create(space, **kw))
     arch = optimizers.create("gaea", net)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.01)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
