@@ -47,6 +47,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     loader = DataLoader(data.paired, batch_sampler=EpochBatchSampler(len(data.paired), batch, seed=0),
                         num_workers=args.workers, pin_memory=device.type == "cuda").get_data_loader(repeat=True)
     net = search_spaces.create(setup["space"], num_classes=data.num_classes, **setup["space_args"]).to(device)
+    optimizers.prepare_supernet(net)  # the memory format the trial uses (channels-last for NAS-Bench-201 on CPU)
     arch = optimizers.create("gaea", net, {"lr": 0.1})
     sgd = torch.optim.SGD(net.weight_parameters(), lr=setup["lr"], momentum=0.9, weight_decay=3e-4)
     params = net.weight_parameters()

@@ -28,6 +28,33 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+SMALL_CHANNELS = 16  # up to this many channels, CPU convolutions of NCHW tensors run in channels-last
+
+
+def _small_nchw(x: torch.Tensor) -> bool:
+    """oneDNN pads NCHW tensors of few channels to a 16-channel blocked layout and reorders
+    both ways on every call (PC-DARTS's 4-channel 32x32 convolutions took 0.55-0.75 ms each in
+    a search step); in channels-last it computes on them directly."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.shape[1] <= SMALL_CHANNELS and x.is_contiguous()
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv2d`` without bias, run in channels-last for few-channel NCHW inputs on CPU (the
+    output is NCHW again)."""
+    if _small_nchw(x):
+        return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, None, stride, padding, dilation,
+                        groups).contiguous()
+    return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+
+
+def conv2d_input(shape, weight: torch.Tensor, grad: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
+    """The input gradient of ``conv2d``, in the same layouts."""
+    if _small_nchw(grad):
+        return torch.nn.grad.conv2d_input(shape, weight, grad.contiguous(memory_format=torch.channels_last),
+                                          stride, padding, dilation, groups).contiguous()
+    return torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
+
+
 def like_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x`` in the memory format of ``weight`` (a supernet's input follows its parameters)."""
     return x.contiguous(memory_format=torch.channels_last if _channels_last(weight) else torch.contiguous_format)
@@ -132,7 +159,7 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, stride, padding, dilation):
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
         ctx.conf = (x.shape, stride, padding, dilation)
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+        return conv2d(x, weight, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
@@ -142,9 +169,9 @@ class _DepthwiseConv(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             if stride == 1:
-                grad_x = F.conv2d(grad, w.flip(-1, -2), None, 1, padding, dilation, shape[1])
+                grad_x = conv2d(grad, w.flip(-1, -2), 1, padding, dilation, shape[1])
             else:
-                grad_x = torch.nn.grad.conv2d_input(shape, w, grad, stride, padding, dilation, shape[1])
+                grad_x = conv2d_input(shape, w, grad, stride, padding, dilation, shape[1])
         if ctx.needs_input_grad[1]:
             grad_w = depthwise_weight_grad(x.to(grad.dtype), grad, weight.shape[-1], stride, padding, dilation)
             grad_w = grad_w.to(weight.dtype)
@@ -172,23 +199,26 @@ class _ConvInputGradOnly(torch.autograd.Function):
     def forward(ctx, x, weight, stride, padding, dilation, groups):
         ctx.save_for_backward(weight)
         ctx.conf = (x.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        return conv2d(x, weight, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         shape, stride, padding, dilation, groups = ctx.conf
-        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
+        grad_x = conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
         return grad_x, None, None, None, None, None
 
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state dict) that, when its weight takes no gradient
-    (the architecture step), keeps no copy of its input for backward."""
+    (the architecture step), keeps no copy of its input for backward, and runs few-channel
+    NCHW inputs on CPU in channels-last (see ``conv2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None and not self.weight.requires_grad and x.requires_grad and torch.is_grad_enabled():
             return _ConvInputGradOnly.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        if self.bias is None and self.padding_mode == "zeros" and _small_nchw(x):
+            return conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
         return super().forward(x)
 
 
@@ -257,6 +287,54 @@ def scaled_conv_batch_norm(r: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
     return _ScaledConvBatchNorm.apply(r, conv.weight, w, bn.running_mean, bn.running_var, momentum, bn.eps, conf)
+
+
+class _Conv1x1BatchNorm(torch.autograd.Function):
+    """``batch_norm(conv1x1(u))`` (training mode, no affine) keeping ``u`` (which the weight
+    gradient needs anyway) and the batch statistics, not the convolution's output: backward
+    recomputes it (a 1x1 convolution is cheap)."""
+
+    @staticmethod
+    def forward(ctx, u, conv_weight, running_mean, running_var, momentum, eps, conf):
+        z = conv2d(u, conv_weight.to(u.dtype), *conf)
+        y, mean, invstd = torch.native_batch_norm(z, None, None, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(u, conv_weight, mean, invstd)
+        ctx.eps, ctx.conf = eps, conf
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, conv_weight, mean, invstd = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        w = conv_weight.to(u.dtype)
+        z = conv2d(u, w, *ctx.conf)
+        grad_z = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=_layout(z)), z, None, None, None, mean, invstd, True, ctx.eps,
+            [True, False, False])[0]
+        del z
+        small = _small_nchw(u)
+        if small:  # the convolution ran in channels-last: so does its backward
+            u, grad_z = u.contiguous(memory_format=torch.channels_last), grad_z.contiguous(memory_format=torch.channels_last)
+        grad_u, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_z, u, w, None, stride, padding, dilation, False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if small and grad_u is not None:
+            grad_u = grad_u.contiguous()
+        return grad_u, None if grad_w is None else grad_w.to(conv_weight.dtype), None, None, None, None, None
+
+
+def conv_batch_norm(u: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(u))``; for a bias-free 1x1 convolution whose weight takes a gradient and an
+    affine-free ``bn`` in training (the supernet's weight step), without keeping the
+    convolution's output for backward (see ``_Conv1x1BatchNorm``)."""
+    if not (conv.kernel_size == (1, 1) and conv.bias is None and conv.weight.requires_grad
+            and torch.is_grad_enabled() and u.device.type == "cpu"
+            and bn.training and bn.affine is False and bn.track_running_stats):
+        return bn(conv(u))
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _Conv1x1BatchNorm.apply(u, conv.weight, bn.running_mean, bn.running_var, momentum, bn.eps, conf)
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:

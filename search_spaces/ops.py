@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3, scaled_batch_norm, scaled_conv_batch_norm
+from .fast_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3, conv_batch_norm, scaled_batch_norm, scaled_conv_batch_norm
 
 OpFactory = Callable[[int, int, bool], nn.Module]
 
@@ -78,8 +78,11 @@ class ReLUConvBN(nn.Sequential):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_relu(self[0](x))
+
     def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
-        return self[2](self[1](r))
+        return conv_batch_norm(r, self[1], self[2])
 
     def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
         return self[1](r), self[2]
@@ -107,8 +110,11 @@ class DilConv(nn.Sequential):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_relu(self[0](x))
+
     def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
-        return self[3](self[2](self[1](r)))
+        return conv_batch_norm(self[1](r), self[2], self[3])
 
     def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
         return self[2](self[1](r)), self[3]

@@ -78,6 +78,26 @@ def test_scaled_conv_batch_norm_recomputes_the_convolution(k):
     torch.testing.assert_close(bn_a.running_var, bn_b.running_var)
 
 
+@pytest.mark.parametrize("channels", [4, 24])   # channels-last inside for few channels, NCHW otherwise
+def test_conv_batch_norm_recomputes_the_1x1_convolution(channels):
+    from search_spaces.fast_ops import conv_batch_norm
+    conv = Conv2d(channels, 6, 1, bias=False).double()
+    ref_conv = nn.Conv2d(channels, 6, 1, bias=False).double()
+    ref_conv.load_state_dict(conv.state_dict())
+    bn_a, bn_b = nn.BatchNorm2d(6, affine=False).double(), nn.BatchNorm2d(6, affine=False).double()
+    u = torch.randn(3, channels, 5, 5, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = conv_batch_norm(u, conv, bn_a)
+    assert not any(t.shape == out.shape for t in saved)          # the convolution's output is not kept
+    ref = bn_b(ref_conv(u))
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (u, conv.weight), g), torch.autograd.grad(ref, (u, ref_conv.weight), g)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(bn_a.running_mean, bn_b.running_mean)
+
+
 def test_max_pool_recomputes_instead_of_keeping_indices():
     pool = MaxPool3x3(1)
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
