@@ -94,8 +94,8 @@ def worker(args: argparse.Namespace) -> dict:
             "peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
             "steps_timed": args.steps, "warmup": args.warmup, "step_min": round(min(times), 4),
             "step_max": round(max(times), 4), "option": args.option,
-            "options": {**opts, "layout": layout, "arch_optimizer": "gaea", "dtype": "float32", **space_args, "input": "3x32x32",
-                        "classes": 10},
+            "options": {**opts, "layout": layout, "arch_optimizer": "gaea", "dtype": "float32", **space_args,
+                        "input": "3x32x32", "classes": 10},
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d")}
 

@@ -314,7 +314,8 @@ class _Conv1x1BatchNorm(torch.autograd.Function):
         del z
         small = _small_nchw(u)
         if small:  # the convolution ran in channels-last: so does its backward
-            u, grad_z = u.contiguous(memory_format=torch.channels_last), grad_z.contiguous(memory_format=torch.channels_last)
+            cl = torch.channels_last
+            u, grad_z = u.contiguous(memory_format=cl), grad_z.contiguous(memory_format=cl)
         grad_u, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_z, u, w, None, stride, padding, dilation, False, [0, 0], groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
