@@ -17,6 +17,6 @@ from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSetting
 __all__ = [
     "ArchitectureOptimizer", "Darts", "DartsSettings", "ExponentiatedGradient", "Gaea", "GaeaGdas",
     "GaeaGdasSettings", "GaeaSettings", "Gdas", "GdasSettings", "NonFiniteLossError", "RandomSearch",
-    "RandomSettings", "StepResult", "create", "prepare_supernet", "entropy_stats", "from_mapping", "get", "names", "register",
-    "search_step",
+    "RandomSettings", "StepResult", "create", "entropy_stats", "from_mapping", "get", "names", "prepare_supernet",
+    "register", "search_step",
 ]

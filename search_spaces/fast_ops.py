@@ -28,7 +28,9 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-SMALL_CHANNELS = 16  # up to this many channels, CPU convolutions of NCHW tensors run in channels-last
+# Up to this many channels, CPU convolutions of NCHW tensors run in channels-last (a sweep of
+# 4 / 8 / 16 on PC-DARTS measured the same step time within noise; the benchmarks ran with 16).
+SMALL_CHANNELS = 16
 
 
 def _small_nchw(x: torch.Tensor) -> bool:
@@ -222,28 +224,58 @@ class Conv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def _fusable(bn: nn.BatchNorm2d) -> bool:
+    """The norms the fused kernels below replace: affine-free, in training, tracking statistics."""
+    return bn.training and bn.affine is False and bn.track_running_stats and torch.is_grad_enabled()
+
+
+def _takes_grad(w) -> bool:
+    return isinstance(w, torch.Tensor) and w.requires_grad and w.numel() == 1
+
+
+def _norm_args(bn: nn.BatchNorm2d) -> tuple:
+    """Count the batch as ``bn`` would and return its (running_mean, running_var, momentum, eps)."""
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return bn.running_mean, bn.running_var, momentum, bn.eps
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(t) else torch.contiguous_format
+
+
+def _weighted_norm(ctx, z, w, running_mean, running_var, momentum, eps):
+    """``w * batch_norm(z)`` as one kernel, ``w`` repeated per channel as the affine weight;
+    stores what ``_weighted_norm_backward`` needs on ``ctx`` (not z itself)."""
+    weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                    # (C,)
+    y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
+    ctx.norm = (weight, mean, invstd, eps, w.shape)
+    return y
+
+
+def _weighted_norm_backward(ctx, grad, z, need_z: bool, need_w: bool):
+    """One batch-norm backward kernel: the gradient of z, and that of ``w`` as the sum of the
+    per-channel weight gradients."""
+    weight, mean, invstd, eps, w_shape = ctx.norm
+    grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
+        grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, eps,
+        [need_z, need_w, False])
+    return grad_z, grad_weight.sum().reshape(w_shape) if need_w else None
+
+
 class _ScaledBatchNorm(torch.autograd.Function):
-    """``w * batch_norm(z)`` (training mode, no affine) as one batch-norm kernel whose affine
-    weight is ``w`` repeated per channel: saves z and the batch statistics, not the
-    normalized output; the backward is one batch-norm backward kernel that also yields the
-    gradient of ``w`` (the sum of the per-channel weight gradients)."""
+    """``w * batch_norm(z)`` (training mode, no affine) as one batch-norm kernel each way
+    (``_weighted_norm``): saves z and the batch statistics, not the normalized output."""
 
     @staticmethod
     def forward(ctx, z, w, running_mean, running_var, momentum, eps):
-        weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                # (C,)
-        y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(z, weight, mean, invstd)
-        ctx.eps, ctx.w_shape = eps, w.shape
-        return y
+        ctx.save_for_backward(z)
+        return _weighted_norm(ctx, z, w, running_mean, running_var, momentum, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        z, weight, mean, invstd = ctx.saved_tensors
-        need_z, need_w = ctx.needs_input_grad[:2]
-        grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, ctx.eps,
-            [need_z, need_w, False])
-        grad_w = grad_weight.sum().reshape(ctx.w_shape) if need_w else None
+        (z,) = ctx.saved_tensors
+        grad_z, grad_w = _weighted_norm_backward(ctx, grad, z, *ctx.needs_input_grad[:2])
         return grad_z, grad_w, None, None, None, None
 
 
@@ -255,38 +287,17 @@ class _ScaledConvBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, conv_weight, w, running_mean, running_var, momentum, eps, conf):
         conv_weight = conv_weight.to(r.dtype)  # under autocast r arrives in the autocast dtype
-        z = F.conv2d(r, conv_weight, None, *conf)
-        weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                # (C,)
-        y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(r, conv_weight, weight, mean, invstd)
-        ctx.eps, ctx.w_shape, ctx.conf = eps, w.shape, conf
-        return y
+        ctx.save_for_backward(r, conv_weight)
+        ctx.conf = conf
+        return _weighted_norm(ctx, conv2d(r, conv_weight, *conf), w, running_mean, running_var, momentum, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        r, conv_weight, weight, mean, invstd = ctx.saved_tensors
+        r, conv_weight = ctx.saved_tensors
         need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        z = F.conv2d(r, conv_weight, None, *ctx.conf)
-        grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, ctx.eps,
-            [need_r, need_w, False])
-        del z
-        grad_r = torch.nn.grad.conv2d_input(r.shape, conv_weight, grad_z, *ctx.conf) if need_r else None
-        grad_w = grad_weight.sum().reshape(ctx.w_shape) if need_w else None
+        grad_z, grad_w = _weighted_norm_backward(ctx, grad, conv2d(r, conv_weight, *ctx.conf), need_r, need_w)
+        grad_r = conv2d_input(r.shape, conv_weight, grad_z, *ctx.conf) if need_r else None
         return grad_r, None, grad_w, None, None, None, None, None
-
-
-def scaled_conv_batch_norm(r: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, w) -> torch.Tensor:
-    """``w * bn(conv(r))``; when the convolution's weight takes no gradient and ``w`` does,
-    keeping neither the convolution's output nor the norm's (see ``_ScaledConvBatchNorm``)."""
-    if conv.weight.requires_grad or conv.bias is not None or not torch.is_grad_enabled() \
-            or not (isinstance(w, torch.Tensor) and w.requires_grad and w.numel() == 1) \
-            or not (bn.training and bn.affine is False and bn.track_running_stats):
-        return scaled_batch_norm(conv(r), bn, w)
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _ScaledConvBatchNorm.apply(r, conv.weight, w, bn.running_mean, bn.running_var, momentum, bn.eps, conf)
 
 
 class _Conv1x1BatchNorm(torch.autograd.Function):
@@ -324,30 +335,31 @@ class _Conv1x1BatchNorm(torch.autograd.Function):
         return grad_u, None if grad_w is None else grad_w.to(conv_weight.dtype), None, None, None, None, None
 
 
-def conv_batch_norm(u: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """``bn(conv(u))``; for a bias-free 1x1 convolution whose weight takes a gradient and an
-    affine-free ``bn`` in training (the supernet's weight step), without keeping the
-    convolution's output for backward (see ``_Conv1x1BatchNorm``)."""
-    if not (conv.kernel_size == (1, 1) and conv.bias is None and conv.weight.requires_grad
-            and torch.is_grad_enabled() and u.device.type == "cpu"
-            and bn.training and bn.affine is False and bn.track_running_stats):
-        return bn(conv(u))
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    conf = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return _Conv1x1BatchNorm.apply(u, conv.weight, bn.running_mean, bn.running_var, momentum, bn.eps, conf)
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(t) else torch.contiguous_format
+def _conv_conf(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
 
 
 def scaled_batch_norm(z: torch.Tensor, bn: nn.BatchNorm2d, w) -> torch.Tensor:
     """``w * bn(z)`` for an affine-free ``bn``; in training with a ``w`` that takes gradients,
     in one kernel each way, without keeping ``bn(z)`` for backward."""
-    if not (bn.training and isinstance(w, torch.Tensor) and w.requires_grad and bn.affine is False
-            and bn.track_running_stats and torch.is_grad_enabled() and w.numel() == 1):
+    if not (_fusable(bn) and _takes_grad(w)):
         return bn(z) * w
-    bn.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return _ScaledBatchNorm.apply(z, w, bn.running_mean, bn.running_var, momentum, bn.eps)
+    return _ScaledBatchNorm.apply(z, w, *_norm_args(bn))
+
+
+def scaled_conv_batch_norm(r: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, w) -> torch.Tensor:
+    """``w * bn(conv(r))``; when the convolution's weight takes no gradient and ``w`` does,
+    keeping neither the convolution's output nor the norm's (see ``_ScaledConvBatchNorm``)."""
+    if conv.weight.requires_grad or conv.bias is not None or not (_fusable(bn) and _takes_grad(w)):
+        return scaled_batch_norm(conv(r), bn, w)
+    return _ScaledConvBatchNorm.apply(r, conv.weight, w, *_norm_args(bn), _conv_conf(conv))
+
+
+def conv_batch_norm(u: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``bn(conv(u))``; for a bias-free 1x1 convolution whose weight takes a gradient and an
+    affine-free ``bn`` in training (the supernet's weight step), without keeping the
+    convolution's output for backward (see ``_Conv1x1BatchNorm``)."""
+    if not (conv.kernel_size == (1, 1) and conv.bias is None and conv.weight.requires_grad
+            and u.device.type == "cpu" and _fusable(bn)):
+        return bn(conv(u))
+    return _Conv1x1BatchNorm.apply(u, conv.weight, *_norm_args(bn), _conv_conf(conv))
