@@ -244,19 +244,17 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
-def _weighted_norm(ctx, z, w, running_mean, running_var, momentum, eps):
-    """``w * batch_norm(z)`` as one kernel, ``w`` repeated per channel as the affine weight;
-    stores what ``_weighted_norm_backward`` needs on ``ctx`` (not z itself)."""
+def _weighted_norm(z, w, running_mean, running_var, momentum, eps):
+    """``w * batch_norm(z)`` as one kernel, ``w`` repeated per channel as the affine weight:
+    (output, weight, mean, invstd), the last three for ``_weighted_norm_backward``."""
     weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                    # (C,)
     y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
-    ctx.norm = (weight, mean, invstd, eps, w.shape)
-    return y
+    return y, weight, mean, invstd
 
 
-def _weighted_norm_backward(ctx, grad, z, need_z: bool, need_w: bool):
+def _weighted_norm_backward(grad, z, weight, mean, invstd, eps, w_shape, need_z: bool, need_w: bool):
     """One batch-norm backward kernel: the gradient of z, and that of ``w`` as the sum of the
     per-channel weight gradients."""
-    weight, mean, invstd, eps, w_shape = ctx.norm
     grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
         grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, eps,
         [need_z, need_w, False])
@@ -269,13 +267,15 @@ class _ScaledBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, w, running_mean, running_var, momentum, eps):
-        ctx.save_for_backward(z)
-        return _weighted_norm(ctx, z, w, running_mean, running_var, momentum, eps)
+        y, *stats = _weighted_norm(z, w, running_mean, running_var, momentum, eps)
+        ctx.save_for_backward(z, *stats)
+        ctx.eps, ctx.w_shape = eps, w.shape
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        grad_z, grad_w = _weighted_norm_backward(ctx, grad, z, *ctx.needs_input_grad[:2])
+        z, *stats = ctx.saved_tensors
+        grad_z, grad_w = _weighted_norm_backward(grad, z, *stats, ctx.eps, ctx.w_shape, *ctx.needs_input_grad[:2])
         return grad_z, grad_w, None, None, None, None
 
 
@@ -287,15 +287,18 @@ class _ScaledConvBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, conv_weight, w, running_mean, running_var, momentum, eps, conf):
         conv_weight = conv_weight.to(r.dtype)  # under autocast r arrives in the autocast dtype
-        ctx.save_for_backward(r, conv_weight)
-        ctx.conf = conf
-        return _weighted_norm(ctx, conv2d(r, conv_weight, *conf), w, running_mean, running_var, momentum, eps)
+        y, *stats = _weighted_norm(conv2d(r, conv_weight, *conf), w, running_mean, running_var, momentum, eps)
+        ctx.save_for_backward(r, conv_weight, *stats)
+        ctx.eps, ctx.w_shape, ctx.conf = eps, w.shape, conf
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        r, conv_weight = ctx.saved_tensors
+        r, conv_weight, *stats = ctx.saved_tensors
         need_r, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        grad_z, grad_w = _weighted_norm_backward(ctx, grad, conv2d(r, conv_weight, *ctx.conf), need_r, need_w)
+        z = conv2d(r, conv_weight, *ctx.conf)
+        grad_z, grad_w = _weighted_norm_backward(grad, z, *stats, ctx.eps, ctx.w_shape, need_r, need_w)
+        del z
         grad_r = conv2d_input(r.shape, conv_weight, grad_z, *ctx.conf) if need_r else None
         return grad_r, None, grad_w, None, None, None, None, None
 
