@@ -2,15 +2,16 @@
 edge normalization) and the discrete evaluation networks of a genotype (CIFAR and ImageNet)."""
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import CellWeights
+from .arch import Active, CellWeights
 from .genotypes import DartsGenotype, derive_darts
-from .fast_ops import AvgPool3x3, MaxPool3x3, like_layout, scaled_batch_norm
+from .fast_ops import like_layout
+from .mixed import EdgeGroup, EdgeInput, MixedEdge, Weight, accumulate
 from .ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, create_op
 
 
@@ -24,105 +25,43 @@ def channel_shuffle_cat(part: torch.Tensor, rest: torch.Tensor, groups: int) -> 
     return torch.cat([part.unsqueeze(2), rest], dim=2).view(B, groups * q, H, W)
 
 
-class EdgeInput:
-    """An edge's input and what every edge reading it can share, each computed at most once:
-    its ReLU (for the ops that start with one) and its pooled versions (pooling ops have no
-    parameters, so ``max_pool_3x3`` of a node is the same on every edge leaving it)."""
-
-    __slots__ = ("x", "_relu", "_pooled")
-
-    def __init__(self, x: torch.Tensor):
-        self.x, self._relu, self._pooled = x, None, {}
-
-    @property
-    def relu(self) -> torch.Tensor:
-        if self._relu is None:
-            self._relu = F.relu(self.x)
-        return self._relu
-
-    def pooled(self, pool: nn.Module) -> torch.Tensor:
-        key = (type(pool), pool.stride)
-        if key not in self._pooled:
-            self._pooled[key] = pool(self.x)
-        return self._pooled[key]
+def edge_index(i: int, j: int) -> int:
+    """The index of the edge from input ``j`` (0, 1: the cell inputs; 2+: earlier nodes) into
+    node ``i``: edges are numbered node by node, each node's inputs in order."""
+    return i * (i + 3) // 2 + j
 
 
-Weight = Union[torch.Tensor, float]
+def edges_from(j: int, nodes: int) -> list[int]:
+    """The nodes that input ``j`` feeds: all of them for the cell inputs, later ones for a node."""
+    return list(range(max(0, j - 1), nodes))
 
 
-def accumulate(acc: Optional[torch.Tensor], y: torch.Tensor, w: Weight) -> torch.Tensor:
-    """``acc + w * y``: with a plain-number weight (no architecture gradient wanted) in one
-    in-place kernel that saves nothing for backward."""
-    if acc is None:
-        return y * w
-    if isinstance(w, float):
-        return acc.add_(y, alpha=w)
-    return acc + w * y
+class CellInputs:
+    """What a cell of one type consumes, prepared once per forward for all cells of that type:
+    per input j, the weights (E_j, ops) of the edges leaving it (in ``edges_from`` order, each
+    edge's op weights times its edge weight); per node, the edge weights (for the channels
+    PC-DARTS passes by the ops); per edge, the ops to compute."""
 
-
-def unpack(cw: CellWeights) -> tuple[Sequence[Sequence[Weight]], Optional[Sequence[Sequence[Weight]]]]:
-    """Per-edge op weights and per-node edge weights, as tensor views when gradients flow to
-    them, else as plain numbers (one host transfer)."""
-    ops = [row.unbind(0) for row in cw.ops.unbind(0)] if cw.ops.requires_grad else cw.ops.tolist()
-    edges = None
-    if cw.edges is not None:
-        edges = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
-    return ops, edges
-
-
-class PoolBN(nn.Sequential):
-    """A pooling op followed by an affine-free batch norm, as pooling outputs are in the
-    DARTS supernet."""
-
-
-class MixedEdge(nn.Module):
-    """All candidate ops on one edge; ``forward`` sums ``w[k] * op_k(x)`` over the active ops."""
-
-    def __init__(self, C: int, stride: int, op_names: Sequence[str], pool_bn: bool = True):
-        super().__init__()
-        ops = []
-        for name in op_names:
-            op = create_op(name, C, stride, affine=False)
-            if "pool" in name and pool_bn:  # as in DARTS: pooling outputs are batch-normalised
-                op = PoolBN(op, nn.BatchNorm2d(C, affine=False))
-            ops.append(op)
-        self.ops = nn.ModuleList(ops)
-
-    def forward(self, inp: EdgeInput, w: Sequence[Weight], active: Sequence[int]) -> Optional[torch.Tensor]:
-        out = None
-        for k in active:
-            op, wk = self.ops[k], w[k]
-            if isinstance(wk, torch.Tensor) and (isinstance(op, PoolBN) or hasattr(op, "pre_bn")):
-                y = self._scaled(op, inp, wk)
-                out = y if out is None else out + y
-                continue
-            if isinstance(op, PoolBN):
-                y = op[1](inp.pooled(op[0]))
-            elif isinstance(op, (AvgPool3x3, MaxPool3x3)):
-                y = inp.pooled(op)            # NAS-Bench-201: no batch norm after pooling
-            elif getattr(op, "pre_relu", False):
-                y = op.forward_relu(inp.relu)
-            else:
-                y = op(inp.x)
-            out = accumulate(out, y, wk)
-        return out
-
-    @staticmethod
-    def _scaled(op: nn.Module, inp: EdgeInput, w: torch.Tensor) -> torch.Tensor:
-        """``w * op(x)`` for an op ending in an affine-free batch norm, with ``w`` as the
-        norm's affine weight (one kernel each way, the norm's output not kept)."""
-        if hasattr(op, "scaled"):
-            return op.scaled(inp.x, inp.relu, w)
-        if isinstance(op, PoolBN):
-            z, bn = inp.pooled(op[0]), op[1]
-        else:
-            z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
-        return scaled_batch_norm(z, bn, w)
+    def __init__(self, cw: CellWeights, none_index: Optional[int], nodes: int, index_cache: dict):
+        w = cw.ops                                                                   # (edges, ops)
+        if cw.edges is not None:
+            w = w * torch.cat(list(cw.edges))[:, None]  # edge order is node by node: the rows' order
+        key = (nodes, w.device)
+        if key not in index_cache:
+            order = [edge_index(i, j) for j in range(nodes + 1) for i in edges_from(j, nodes)]
+            index_cache[key] = torch.tensor(order, device=w.device)
+        sizes = [len(edges_from(j, nodes)) for j in range(nodes + 1)]
+        self.by_input: list[torch.Tensor] = list(w.index_select(0, index_cache[key]).split(sizes))
+        self.betas: Optional[Sequence[Sequence[Weight]]] = None
+        if cw.edges is not None:
+            self.betas = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
+        self.active: Active = cw.resolve_active(none_index)
 
 
 class SearchCell(nn.Module):
     """A supernet cell (normal or, with ``reduction``, reduction): ``nodes`` intermediate
-    nodes, each the sum of mixed edges from the two cell inputs and all earlier nodes."""
+    nodes, each the sum of mixed edges from the two cell inputs and all earlier nodes. The
+    edges leaving each input are computed together (``EdgeGroup``) once the input exists."""
 
     def __init__(self, C_pp: int, C_prev: int, C: int, reduction: bool, reduction_prev: bool,
                  op_names: Sequence[str], nodes: int, multiplier: int, partial_channels: int):
@@ -141,32 +80,34 @@ class SearchCell(nn.Module):
             for i in range(nodes) for j in range(i + 2))
         self.pass_pool = nn.MaxPool2d(2, 2) if reduction and partial_channels > 1 else None
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, op_w: Sequence[Sequence[Weight]],
-                edge_w: Optional[Sequence[Sequence[Weight]]], active: Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: CellInputs) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         B, C, H, W = states[1].shape
         out_hw = (H // 2, W // 2) if self.reduction else (H, W)
         q = C // self.K
-        inputs = [EdgeInput(h if self.K == 1 else h[:, :q]) for h in states]
-        e = 0
-        for i in range(self.nodes):
-            part = rest = None
-            for j, h in enumerate(states):
-                y = self.edges[e](inputs[j], op_w[e], active[e])
-                beta = edge_w[i][j] if edge_w is not None else None
+        parts: list[Optional[torch.Tensor]] = [None] * self.nodes   # per node: sum of its edges' op outputs
+        rests: list[Optional[torch.Tensor]] = [None] * self.nodes   # PC-DARTS: the channels the ops skip
+        for j in range(self.nodes + 1):
+            h = states[j]
+            targets = edges_from(j, self.nodes)
+            ids = [edge_index(i, j) for i in targets]
+            group = EdgeGroup([self.edges[e] for e in ids], EdgeInput(h if self.K == 1 else h[:, :q]))
+            outs = group.forward(weights.by_input[j], [weights.active[e] for e in ids])
+            rest = None
+            if self.K > 1:
+                rest = h[:, q:]
+                if self.reduction and j < 2:
+                    rest = self.pass_pool(rest)
+            for i, y in zip(targets, outs):
                 if y is not None:
-                    part = accumulate(part, y, beta) if beta is not None else (y if part is None else part + y)
-                if self.K > 1:  # PC-DARTS: the other channels bypass the ops
-                    r = h[:, q:]
-                    if self.reduction and j < 2:
-                        r = self.pass_pool(r)
-                    rest = accumulate(rest, r, beta) if beta is not None else (r if rest is None else rest + r)
-                e += 1
-            if part is None:  # every op on every edge of this node is off
-                part = states[1].new_zeros(B, q, *out_hw)
-            node = part if self.K == 1 else channel_shuffle_cat(part, rest, self.K)    # (B, C, H', W')
-            states.append(node)
-            inputs.append(EdgeInput(node if self.K == 1 else node[:, :q]))
+                    parts[i] = y if parts[i] is None else parts[i] + y
+                if rest is not None:
+                    beta = weights.betas[i][j] if weights.betas is not None else 1.0
+                    rests[i] = accumulate(rests[i], rest, beta)
+            if j >= 1:  # node j-1 has all its edges
+                i = j - 1
+                part = parts[i] if parts[i] is not None else states[1].new_zeros(B, q, *out_hw)
+                states.append(part if self.K == 1 else channel_shuffle_cat(part, rests[i], self.K))  # (B, C, H', W')
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
@@ -194,6 +135,7 @@ class DartsSupernet(nn.Module):
         self.nodes, self.multiplier = nodes, multiplier
         self.n_edges = nodes * (nodes + 3) // 2
         self.edge_normalization = edge_normalization
+        self._index_cache: dict = {}
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_prev, C_curr = C_curr, C_curr, C
@@ -245,10 +187,10 @@ class DartsSupernet(nn.Module):
             cw = weights[ct]
             if self.edge_normalization and cw.edges is None:
                 raise ValueError("this supernet uses edge normalization: CellWeights.edges is required")
-            prepared[ct] = (*unpack(cw), cw.resolve_active(self.none_index))
+            prepared[ct] = CellInputs(cw, self.none_index, self.nodes, self._index_cache)
         s0 = s1 = self.stem(like_layout(x, self.stem[0].weight))
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, *prepared["reduce" if cell.reduction else "normal"])
+            s0, s1 = s1, cell(s0, s1, prepared["reduce" if cell.reduction else "normal"])
         out = self.global_pooling(s1).flatten(1)                                    # (B, C_prev)
         return self.classifier(out)                                                 # (B, classes)
 

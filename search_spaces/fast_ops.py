@@ -155,18 +155,20 @@ class _DepthwiseConv(torch.autograd.Function):
     """Depthwise convolution with faster CPU gradients: the input gradient of a stride-1
     convolution as the forward convolution of the output gradient with the flipped kernel,
     the weight gradient as ``depthwise_weight_grad``. Keeps its input only when the weight
-    takes a gradient."""
+    takes a gradient. With ``repeat`` > 1, the convolution of ``x`` repeated that often along
+    the channels (E edges reading the same input), keeping ``x`` once."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation):
+    def forward(ctx, x, weight, stride, padding, dilation, repeat=1):
         ctx.save_for_backward(x if weight.requires_grad else None, weight)
-        ctx.conf = (x.shape, stride, padding, dilation)
-        return conv2d(x, weight, stride, padding, dilation, x.shape[1])
+        xr = _repeat(x, repeat)
+        ctx.conf = (xr.shape, stride, padding, dilation, repeat)
+        return conv2d(xr, weight, stride, padding, dilation, xr.shape[1])
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        shape, stride, padding, dilation = ctx.conf
+        shape, stride, padding, dilation, repeat = ctx.conf
         w = weight.to(grad.dtype)  # under autocast the forward ran in the gradient's dtype
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
@@ -174,10 +176,21 @@ class _DepthwiseConv(torch.autograd.Function):
                 grad_x = conv2d(grad, w.flip(-1, -2), 1, padding, dilation, shape[1])
             else:
                 grad_x = conv2d_input(shape, w, grad, stride, padding, dilation, shape[1])
+            grad_x = _fold(grad_x, repeat)
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x.to(grad.dtype), grad, weight.shape[-1], stride, padding, dilation)
+            xr = _repeat(x.to(grad.dtype), repeat)
+            grad_w = depthwise_weight_grad(xr, grad, weight.shape[-1], stride, padding, dilation)
             grad_w = grad_w.to(weight.dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
+
+
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int, dilation: int,
+                   repeat: int = 1) -> torch.Tensor:
+    """A bias-free depthwise convolution of ``x`` repeated ``repeat`` times along the channels
+    (``weight``: (repeat*C, 1, k, k)); on CPU with ``_DepthwiseConv``'s gradients."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _DepthwiseConv.apply(x, weight, stride, padding, dilation, repeat)
+    return F.conv2d(_repeat(x, repeat), weight, None, stride, padding, dilation, weight.shape[0])
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -189,7 +202,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _DepthwiseConv.apply(x, self.weight, self.stride[0], self.padding[0], self.dilation[0])
+            return _DepthwiseConv.apply(x, self.weight, self.stride[0], self.padding[0], self.dilation[0], 1)
         return super().forward(x)
 
 
@@ -217,11 +230,17 @@ class Conv2d(nn.Conv2d):
     NCHW inputs on CPU in channels-last (see ``conv2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is None and not self.weight.requires_grad and x.requires_grad and torch.is_grad_enabled():
-            return _ConvInputGradOnly.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-        if self.bias is None and self.padding_mode == "zeros" and _small_nchw(x):
-            return conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        if self.bias is None and self.padding_mode == "zeros":
+            return conv(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
         return super().forward(x)
+
+
+def conv(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """A bias-free convolution as ``Conv2d`` runs it: keeping no input when the weight takes no
+    gradient, few-channel NCHW inputs on CPU in channels-last."""
+    if not weight.requires_grad and x.requires_grad and torch.is_grad_enabled():
+        return _ConvInputGradOnly.apply(x, weight, stride, padding, dilation, groups)
+    return conv2d(x, weight, stride, padding, dilation, groups)
 
 
 def _fusable(bn: nn.BatchNorm2d) -> bool:
@@ -244,39 +263,62 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
+def channel_weight(w: torch.Tensor, C: int) -> torch.Tensor:
+    """A per-channel weight (C,) from ``w``: a scalar for every channel, or (E,) with entry e
+    for the e-th block of C/E consecutive channels (E edges computed as one tensor)."""
+    w = w.reshape(-1, 1)                                                               # (E, 1)
+    return w.expand(w.shape[0], C // w.shape[0]).reshape(C)                            # (C,)
+
+
+def _repeat(z: torch.Tensor, times: int) -> torch.Tensor:
+    """``z`` repeated ``times`` along the channels, in its memory format."""
+    return z if times == 1 else torch.cat([z] * times, 1)
+
+
+def _fold(grad: torch.Tensor, times: int) -> torch.Tensor:
+    """The gradient of ``z`` from that of ``_repeat(z, times)``: the sum over the repeats."""
+    return grad if times == 1 else grad.unflatten(1, (times, grad.shape[1] // times)).sum(1)
+
+
 def _weighted_norm(z, w, running_mean, running_var, momentum, eps):
-    """``w * batch_norm(z)`` as one kernel, ``w`` repeated per channel as the affine weight:
+    """``w * batch_norm(z)`` as one kernel, ``w`` as the affine weight (``channel_weight``):
     (output, weight, mean, invstd), the last three for ``_weighted_norm_backward``."""
-    weight = w.detach().reshape(1).expand(z.shape[1]).contiguous()                    # (C,)
+    weight = None if w is None else channel_weight(w, z.shape[1])                    # (C,)
     y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
     return y, weight, mean, invstd
 
 
 def _weighted_norm_backward(grad, z, weight, mean, invstd, eps, w_shape, need_z: bool, need_w: bool):
-    """One batch-norm backward kernel: the gradient of z, and that of ``w`` as the sum of the
-    per-channel weight gradients."""
+    """One batch-norm backward kernel: the gradient of z, and that of ``w`` as the sums of the
+    per-channel weight gradients over each entry's channels."""
     grad_z, grad_weight, _ = torch.ops.aten.native_batch_norm_backward(
         grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, eps,
         [need_z, need_w, False])
-    return grad_z, grad_weight.sum().reshape(w_shape) if need_w else None
+    if not need_w:
+        return grad_z, None
+    E = max(1, w_shape.numel())
+    return grad_z, grad_weight.view(E, -1).sum(1).reshape(w_shape)
 
 
 class _ScaledBatchNorm(torch.autograd.Function):
     """``w * batch_norm(z)`` (training mode, no affine) as one batch-norm kernel each way
-    (``_weighted_norm``): saves z and the batch statistics, not the normalized output."""
+    (``_weighted_norm``): saves z and the batch statistics, not the normalized output. With
+    ``repeat`` > 1, the norm of ``z`` repeated that often along the channels (E edges reading
+    the same input), keeping ``z`` once."""
 
     @staticmethod
-    def forward(ctx, z, w, running_mean, running_var, momentum, eps):
-        y, *stats = _weighted_norm(z, w, running_mean, running_var, momentum, eps)
+    def forward(ctx, z, w, running_mean, running_var, momentum, eps, repeat=1):
+        y, *stats = _weighted_norm(_repeat(z, repeat), w, running_mean, running_var, momentum, eps)
         ctx.save_for_backward(z, *stats)
-        ctx.eps, ctx.w_shape = eps, w.shape
+        ctx.eps, ctx.w_shape, ctx.repeat = eps, None if w is None else w.shape, repeat
         return y
 
     @staticmethod
     def backward(ctx, grad):
         z, *stats = ctx.saved_tensors
-        grad_z, grad_w = _weighted_norm_backward(grad, z, *stats, ctx.eps, ctx.w_shape, *ctx.needs_input_grad[:2])
-        return grad_z, grad_w, None, None, None, None
+        grad_z, grad_w = _weighted_norm_backward(grad, _repeat(z, ctx.repeat), *stats, ctx.eps, ctx.w_shape,
+                                                 *ctx.needs_input_grad[:2])
+        return None if grad_z is None else _fold(grad_z, ctx.repeat), grad_w, None, None, None, None, None
 
 
 class _ScaledConvBatchNorm(torch.autograd.Function):
@@ -306,24 +348,27 @@ class _ScaledConvBatchNorm(torch.autograd.Function):
 class _Conv1x1BatchNorm(torch.autograd.Function):
     """``batch_norm(conv1x1(u))`` (training mode, no affine) keeping ``u`` (which the weight
     gradient needs anyway) and the batch statistics, not the convolution's output: backward
-    recomputes it (a 1x1 convolution is cheap)."""
+    recomputes it (a 1x1 convolution is cheap). ``scale``, a tensor taking no gradient (a
+    plain op weight, ``channel_weight``), multiplies the output as the norm's affine weight."""
 
     @staticmethod
-    def forward(ctx, u, conv_weight, running_mean, running_var, momentum, eps, conf):
+    def forward(ctx, u, conv_weight, running_mean, running_var, momentum, eps, conf, scale=None):
         z = conv2d(u, conv_weight.to(u.dtype), *conf)
-        y, mean, invstd = torch.native_batch_norm(z, None, None, running_mean, running_var, True, momentum, eps)
-        ctx.save_for_backward(u, conv_weight, mean, invstd)
-        ctx.eps, ctx.conf = eps, conf
+        weight = None if scale is None else channel_weight(scale, z.shape[1])
+        y, mean, invstd = torch.native_batch_norm(z, weight, None, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(u, conv_weight, weight, mean, invstd)
+        ctx.eps, ctx.conf, ctx.dtype = eps, conf, z.dtype  # under autocast z's dtype may not be u's
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        u, conv_weight, mean, invstd = ctx.saved_tensors
+        u, conv_weight, weight, mean, invstd = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        w = conv_weight.to(u.dtype)
+        u_dtype, u = u.dtype, u.to(ctx.dtype)
+        w = conv_weight.to(ctx.dtype)
         z = conv2d(u, w, *ctx.conf)
         grad_z = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(memory_format=_layout(z)), z, None, None, None, mean, invstd, True, ctx.eps,
+            grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, ctx.eps,
             [True, False, False])[0]
         del z
         small = _small_nchw(u)
@@ -333,9 +378,9 @@ class _Conv1x1BatchNorm(torch.autograd.Function):
         grad_u, grad_w, _ = torch.ops.aten.convolution_backward(
             grad_z, u, w, None, stride, padding, dilation, False, [0, 0], groups,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-        if small and grad_u is not None:
-            grad_u = grad_u.contiguous()
-        return grad_u, None if grad_w is None else grad_w.to(conv_weight.dtype), None, None, None, None, None
+        if grad_u is not None:
+            grad_u = (grad_u.contiguous() if small else grad_u).to(u_dtype)
+        return grad_u, None if grad_w is None else grad_w.to(conv_weight.dtype), None, None, None, None, None, None
 
 
 def _conv_conf(conv: nn.Conv2d) -> tuple:
@@ -366,3 +411,57 @@ def conv_batch_norm(u: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tor
             and u.device.type == "cpu" and _fusable(bn)):
         return bn(conv(u))
     return _Conv1x1BatchNorm.apply(u, conv.weight, *_norm_args(bn), _conv_conf(conv))
+
+
+# -- the norms of E edges computed as one tensor ------------------------------------------
+def _edge_stats(bns) -> tuple:
+    """The running statistics of E affine-free norms, concatenated, with (momentum, eps);
+    counts the batch as each norm would. ``_store_stats`` writes them back."""
+    if not (bns[0].training and bns[0].track_running_stats):
+        return (torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns]),
+                0.0, bns[0].eps) if bns[0].track_running_stats else (None, None, 0.0, bns[0].eps)
+    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    bn = bns[0]
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns]), momentum, bn.eps
+
+
+def _store_stats(bns, running_mean, running_var) -> None:
+    if running_mean is None or not bns[0].training:
+        return
+    C = bns[0].num_features
+    torch._foreach_copy_([bn.running_mean for bn in bns] + [bn.running_var for bn in bns],
+                         list(running_mean.split(C)) + list(running_var.split(C)))
+
+
+def edge_norms(z: torch.Tensor, bns, w=None, repeat: int = 1) -> torch.Tensor:
+    """``cat_e(w[e] * bns[e](z_e))`` over E affine-free norms ``bns``, z_e the e-th block of
+    ``repeat(z)``'s channels (``z`` repeated ``repeat`` times along the channels, for edges
+    that read the same input); ``w`` (E,) or None. One batch-norm kernel each way; in
+    training, keeps only ``z`` and the batch statistics."""
+    running_mean, running_var, momentum, eps = _edge_stats(bns)
+    training = bns[0].training or not bns[0].track_running_stats
+    grad = torch.is_grad_enabled() and (z.requires_grad or (w is not None and w.requires_grad))
+    if training and grad:
+        y = _ScaledBatchNorm.apply(z, w, running_mean, running_var, momentum, eps, repeat)
+    else:
+        zr = _repeat(z, repeat)
+        weight = None if w is None else channel_weight(w, zr.shape[1])
+        y = F.batch_norm(zr, running_mean, running_var, weight, None, training, momentum, eps)
+    _store_stats(bns, running_mean, running_var)
+    return y
+
+
+def edge_conv1x1_norms(u: torch.Tensor, weight: torch.Tensor, bns, w=None) -> torch.Tensor:
+    """``edge_norms(conv1x1(u))`` for E edges' 1x1 convolutions (``weight``: their weights
+    concatenated, each reading its own block of u's channels). In the weight step (the
+    convolution's weight takes a gradient, ``w`` none) the convolution's output is recomputed
+    in backward rather than kept (``_Conv1x1BatchNorm``)."""
+    groups = len(bns)
+    if (weight.requires_grad and u.device.type == "cpu" and torch.is_grad_enabled() and bns[0].training
+            and bns[0].track_running_stats and not (w is not None and w.requires_grad)):
+        running_mean, running_var, momentum, eps = _edge_stats(bns)
+        y = _Conv1x1BatchNorm.apply(u, weight, running_mean, running_var, momentum, eps, ((1, 1), (0, 0), (1, 1), groups), w)
+        _store_stats(bns, running_mean, running_var)
+        return y
+    return edge_norms(conv(u, weight, groups=groups), bns, w)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .arch import CellWeights
-from .darts import EdgeInput, MixedEdge, Weight, unpack
+from .mixed import EdgeInput, MixedEdge, Weight, unpack
 from .fast_ops import like_layout
 from .genotypes import NB201Genotype, derive_nb201
 from .ops import NB201_OPS, ReLUConvBN, create_op

@@ -92,24 +92,43 @@ def _count_op_calls(net):
     return calls
 
 
+def _ops_that_ran(net):
+    """(edge path, op index) of every op whose batch norms counted a batch (every DARTS op
+    but the stride-1 skip and ``none`` ends in one; the edges leaving a node run their ops
+    together, without the ops' own forward)."""
+    ran = set()
+    for name, m in net.named_modules():
+        if isinstance(m, nn.BatchNorm2d) and ".ops." in name and int(m.num_batches_tracked) > 0:
+            edge, rest = name.split(".ops.", 1)
+            ran.add((edge, rest.split(".")[0]))
+    return ran
+
+
 def test_zero_weight_and_none_ops_are_skipped():
     net = darts_small(partial_channels=4, edge_normalization=True)
-    calls = _count_op_calls(net)
     n_ops = len(net.op_names)
+    sep, skip = net.op_names.index("sep_conv_3x3"), net.op_names.index("skip_connect")
     weights = {}
     for ct in net.cell_types:
         w = torch.zeros(14, n_ops)
-        w[:, net.op_names.index("sep_conv_3x3")] = 0.5
+        w[:, sep] = 0.5
         w[:, net.op_names.index("none")] = 0.5  # non-zero weight, but none has no output
         w[3] = 0.0
-        w[3, net.op_names.index("skip_connect")] = 1.0
-        weights[ct] = CellWeights(w, [torch.full((i + 2,), 1.0 / (i + 2)) for i in range(4)])
-    net(torch.randn(2, 3, 16, 16), weights)
-    sep, skip = str(net.op_names.index("sep_conv_3x3")), str(net.op_names.index("skip_connect"))
-    assert {op for _, op in calls} == {sep, skip}
-    # 3 cells x 14 edges, one op each; the skip runs only on edge 3 of each cell
-    assert len(calls) == 3 * 14
-    assert sorted(edge for edge, op in calls if op == skip) == [f"cells.{c}.edges.3" for c in range(3)]
+        w[3, skip] = 1.0
+        weights[ct] = CellWeights(w.requires_grad_(), [torch.full((i + 2,), 1.0 / (i + 2)) for i in range(4)])
+    out = net(torch.randn(2, 3, 16, 16), weights)
+    # cell 0 is normal (its edge-3 skip is the identity: no norm), cells 1 and 2 reduce
+    # (edge 3 reads a cell input, so its skip is a factorized reduce, with a norm)
+    expected = {(f"cells.{c}.edges.{e}", str(sep)) for c in range(3) for e in range(14) if e != 3}
+    expected |= {(f"cells.{c}.edges.3", str(skip)) for c in (1, 2)}
+    assert _ops_that_ran(net) == expected
+    out.sum().backward()
+    edge0 = net.cells[0].edges[0].ops
+    assert all(p.grad is not None for p in edge0[sep].parameters())
+    assert all(p.grad is None for k in range(n_ops) if k != sep for p in edge0[k].parameters())
+    assert all(p.grad is None for p in net.cells[0].edges[3].ops[sep].parameters())
+    # the identity skip on cell 0's edge 3 ran: its weight gets a gradient
+    assert weights["normal"].ops.grad[3, skip] != 0
 
 
 def test_sampled_architecture_computes_one_op_per_edge():
@@ -150,16 +169,15 @@ def cell_op_name(cell, k):
 def test_pc_darts_cell_matches_the_published_formulation(reduction, train):
     """Outputs and, in training mode (batch statistics, pooling shared by the edges leaving a
     node, fused weight-times-norm kernels), the architecture gradients too."""
-    from search_spaces.darts import SearchCell
+    from search_spaces.darts import CellInputs, SearchCell
     torch.manual_seed(1)
     cell = SearchCell(16, 16, 16, reduction, False, DARTS_OPS, nodes=4, multiplier=4, partial_channels=4).double()
     cell.train(train)
     s0, s1 = torch.randn(2, 16, 8, 8, dtype=torch.float64), torch.randn(2, 16, 8, 8, dtype=torch.float64)
     op_w = torch.softmax(torch.randn(14, 8, dtype=torch.float64), -1).requires_grad_(train)
     edge_w = [torch.softmax(torch.randn(i + 2, dtype=torch.float64), -1).requires_grad_(train) for i in range(4)]
-    active = CellWeights(op_w).resolve_active(0)
     with torch.set_grad_enabled(train):
-        out = cell(s0, s1, [r.unbind(0) for r in op_w.unbind(0)], [b.unbind(0) for b in edge_w], active)
+        out = cell(s0, s1, CellInputs(CellWeights(op_w, edge_w), 0, 4, {}))
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
         for node in range(4):
             states.append(_reference_pc_node(cell, states, op_w, edge_w, node))
