@@ -7,8 +7,8 @@ Measured on the project's 2-core CPU machines (torch 2.14, fp32, NCHW, batch 64)
 * ``max_pool2d(3, 1, 1)`` at 64x4x32x32: 3.2 ms forward natively, 0.13 ms as separable
   maxima (same values); the backward recomputes the native kernel's argmax, so the gradient
   routing (ties included) is the native one, and no int64 indices are kept;
-* depthwise convolutions: the weight gradient of a 5x5 kernel at 64x16x32x32 15.8 ms
-  natively, 1.4 ms as a grouped correlation of input and output gradient; the input
+* depthwise convolutions: the weight gradient of a dilated 5x5 kernel at 64x16x32x32 49 ms
+  natively, 0.6 ms as a correlation of input and output gradient, one group per plane; the input
   gradient of a dilated 5x5 kernel at 64x4x32x32 3.1 ms natively, 0.5 ms as a forward
   convolution with the flipped kernel;
 * ``w * batch_norm(z)`` as one batch-norm kernel each way (``w`` as the affine weight), keeping
@@ -30,7 +30,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 # Up to this many channels, CPU convolutions of NCHW tensors run in channels-last (a sweep of
 # 4 / 8 / 16 on PC-DARTS measured the same step time within noise; the benchmarks ran with 16).
-SMALL_CHANNELS = 16
+SMALL_CHANNELS = 8
 
 
 def _small_nchw(x: torch.Tensor) -> bool:
@@ -140,15 +140,16 @@ class MaxPool3x3(nn.Module):
 
 def depthwise_weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, stride: int, padding: int,
                           dilation: int) -> torch.Tensor:
-    """Weight gradient of a depthwise convolution as the grouped correlation of the padded
-    input with the output gradient: (C, 1, k, k)."""
+    """Weight gradient of a depthwise convolution as the correlation of each (sample, channel)
+    plane of the input with that of the output gradient, one group per plane (no copies of
+    NCHW inputs), summed over the batch: (C, 1, k, k)."""
     B, C = x.shape[:2]
     Ho, Wo = grad.shape[-2:]
-    xp = F.pad(x, (padding,) * 4).transpose(0, 1).reshape(1, C * B, x.shape[2] + 2 * padding, -1)
-    g = grad.transpose(0, 1).reshape(C * B, 1, Ho, Wo)
-    # w[c, i, j] = sum_{b,h,w} xp[b, c, h*stride + i*dilation, w*stride + j*dilation] * grad[b, c, h, w]
-    corr = F.conv2d(xp, g, None, dilation, 0, stride, C * B)[..., :k, :k]           # (1, C*B, k, k)
-    return corr.reshape(C, B, k, k).sum(1, keepdim=True)                           # (C, 1, k, k)
+    xs = x.reshape(1, B * C, *x.shape[2:])                                          # (1, B*C, H, W)
+    g = grad.reshape(B * C, 1, Ho, Wo)                                               # (B*C, 1, Ho, Wo)
+    # w[c, i, j] = sum_{b,h,w} xpad[b, c, h*stride + i*dilation, w*stride + j*dilation] * grad[b, c, h, w]
+    corr = F.conv2d(xs, g, None, dilation, padding, stride, B * C)[..., :k, :k]      # (1, B*C, k, k)
+    return corr.reshape(B, C, k, k).sum(0).unsqueeze(1)                              # (C, 1, k, k)
 
 
 class _DepthwiseConv(torch.autograd.Function):
