@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import Active, CellWeights
+from .arch import CellWeights
 from .genotypes import DartsGenotype, derive_darts
 from .fast_ops import like_layout
-from .mixed import EdgeGroup, EdgeInput, MixedEdge, Weight, accumulate
+from .mixed import CellInputs, EdgeGroup, EdgeInput, MixedEdge, accumulate
 from .ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, create_op
 
 
@@ -34,28 +34,6 @@ def edge_index(i: int, j: int) -> int:
 def edges_from(j: int, nodes: int) -> list[int]:
     """The nodes that input ``j`` feeds: all of them for the cell inputs, later ones for a node."""
     return list(range(max(0, j - 1), nodes))
-
-
-class CellInputs:
-    """What a cell of one type consumes, prepared once per forward for all cells of that type:
-    per input j, the weights (E_j, ops) of the edges leaving it (in ``edges_from`` order, each
-    edge's op weights times its edge weight); per node, the edge weights (for the channels
-    PC-DARTS passes by the ops); per edge, the ops to compute."""
-
-    def __init__(self, cw: CellWeights, none_index: Optional[int], nodes: int, index_cache: dict):
-        w = cw.ops                                                                   # (edges, ops)
-        if cw.edges is not None:
-            w = w * torch.cat(list(cw.edges))[:, None]  # edge order is node by node: the rows' order
-        key = (nodes, w.device)
-        if key not in index_cache:
-            order = [edge_index(i, j) for j in range(nodes + 1) for i in edges_from(j, nodes)]
-            index_cache[key] = torch.tensor(order, device=w.device)
-        sizes = [len(edges_from(j, nodes)) for j in range(nodes + 1)]
-        self.by_input: list[torch.Tensor] = list(w.index_select(0, index_cache[key]).split(sizes))
-        self.betas: Optional[Sequence[Sequence[Weight]]] = None
-        if cw.edges is not None:
-            self.betas = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
-        self.active: Active = cw.resolve_active(none_index)
 
 
 class SearchCell(nn.Module):
@@ -136,6 +114,7 @@ class DartsSupernet(nn.Module):
         self.n_edges = nodes * (nodes + 3) // 2
         self.edge_normalization = edge_normalization
         self._index_cache: dict = {}
+        self.edge_groups = [[edge_index(i, j) for i in edges_from(j, nodes)] for j in range(nodes + 1)]
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_prev, C_curr = C_curr, C_curr, C
@@ -187,7 +166,7 @@ class DartsSupernet(nn.Module):
             cw = weights[ct]
             if self.edge_normalization and cw.edges is None:
                 raise ValueError("this supernet uses edge normalization: CellWeights.edges is required")
-            prepared[ct] = CellInputs(cw, self.none_index, self.nodes, self._index_cache)
+            prepared[ct] = CellInputs(cw, self.none_index, self.edge_groups, self._index_cache)
         s0 = s1 = self.stem(like_layout(x, self.stem[0].weight))
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, prepared["reduce" if cell.reduction else "normal"])

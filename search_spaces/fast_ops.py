@@ -268,7 +268,8 @@ def channel_weight(w: torch.Tensor, C: int) -> torch.Tensor:
     """A per-channel weight (C,) from ``w``: a scalar for every channel, or (E,) with entry e
     for the e-th block of C/E consecutive channels (E edges computed as one tensor)."""
     w = w.reshape(-1, 1)                                                               # (E, 1)
-    return w.expand(w.shape[0], C // w.shape[0]).reshape(C)                            # (C,)
+    # contiguous: with E = 1 the reshape is a stride-0 view, which the CPU norm kernels misread
+    return w.expand(w.shape[0], C // w.shape[0]).reshape(C).contiguous()               # (C,)
 
 
 def _repeat(z: torch.Tensor, times: int) -> torch.Tensor:
@@ -453,16 +454,17 @@ def edge_norms(z: torch.Tensor, bns, w=None, repeat: int = 1) -> torch.Tensor:
     return y
 
 
-def edge_conv1x1_norms(u: torch.Tensor, weight: torch.Tensor, bns, w=None) -> torch.Tensor:
-    """``edge_norms(conv1x1(u))`` for E edges' 1x1 convolutions (``weight``: their weights
-    concatenated, each reading its own block of u's channels). In the weight step (the
-    convolution's weight takes a gradient, ``w`` none) the convolution's output is recomputed
-    in backward rather than kept (``_Conv1x1BatchNorm``)."""
-    groups = len(bns)
-    if (weight.requires_grad and u.device.type == "cpu" and torch.is_grad_enabled() and bns[0].training
-            and bns[0].track_running_stats and not (w is not None and w.requires_grad)):
+def edge_conv1x1_norms(u: torch.Tensor, weight: torch.Tensor, bns, w=None, groups: int = 1) -> torch.Tensor:
+    """``edge_norms(conv1x1(u))`` for E edges' 1x1 convolutions, ``weight`` their weights
+    concatenated (with ``groups`` = E each reads its own block of u's channels). In the
+    weight step (the convolution's weight takes a gradient and keeps ``u`` anyway, ``w``
+    takes none) the convolution's output is recomputed in backward rather than kept
+    (``_Conv1x1BatchNorm``)."""
+    if (weight.requires_grad and not (w is not None and w.requires_grad) and u.device.type == "cpu"
+            and torch.is_grad_enabled() and bns[0].training and bns[0].track_running_stats):
         running_mean, running_var, momentum, eps = _edge_stats(bns)
-        y = _Conv1x1BatchNorm.apply(u, weight, running_mean, running_var, momentum, eps, ((1, 1), (0, 0), (1, 1), groups), w)
+        y = _Conv1x1BatchNorm.apply(u, weight, running_mean, running_var, momentum, eps,
+                                    ((1, 1), (0, 0), (1, 1), groups), w)
         _store_stats(bns, running_mean, running_var)
         return y
     return edge_norms(conv(u, weight, groups=groups), bns, w)

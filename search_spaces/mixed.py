@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import CellWeights
+from .arch import Active, CellWeights
 from .fast_ops import (AvgPool3x3, MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms,
                        scaled_batch_norm)
 from .ops import DilConv, FactorizedReduce, SepConv, create_op
@@ -145,7 +145,7 @@ def _dil_conv(ops: Sequence[DilConv], inp: EdgeInput, w: Optional[torch.Tensor])
     dw = ops[0][1]
     u = depthwise_conv(inp.relu, _cat_weights([op[1] for op in ops]), dw.stride[0], dw.padding[0],
                        dw.dilation[0], repeat=len(ops))                             # (B, E*C, H', W')
-    return edge_conv1x1_norms(u, _cat_weights([op[2] for op in ops]), [op[3] for op in ops], w)
+    return edge_conv1x1_norms(u, _cat_weights([op[2] for op in ops]), [op[3] for op in ops], w, groups=len(ops))
 
 
 @grouped(SepConv)
@@ -153,7 +153,7 @@ def _sep_conv(ops: Sequence[SepConv], inp: EdgeInput, w: Optional[torch.Tensor])
     h = _dil_conv([op[0] for op in ops], inp, None)                                 # (B, E*C, H', W')
     dw = ops[0][1][1]
     u = depthwise_conv(F.relu(h), _cat_weights([op[1][1] for op in ops]), 1, dw.padding[0], dw.dilation[0])
-    return edge_conv1x1_norms(u, _cat_weights([op[1][2] for op in ops]), [op[1][3] for op in ops], w)
+    return edge_conv1x1_norms(u, _cat_weights([op[1][2] for op in ops]), [op[1][3] for op in ops], w, groups=len(ops))
 
 
 @grouped(PoolBN)
@@ -209,13 +209,33 @@ class EdgeGroup:
             if len(slots) == E:
                 total = y if total is None else total + y
                 continue
-            for n, s in enumerate(slots):
-                part = y[:, n * C:(n + 1) * C]
+            for s, part in zip(slots, y.split(C, 1)):  # split, not slices: its backward is one cat
                 own[s] = part if own[s] is None else own[s] + part
-        out = []
+        out = [None] * E if total is None else list(total.split(C, 1))
         for s in range(E):
-            y = None if total is None else total[:, s * C:(s + 1) * C]
             if own[s] is not None:
-                y = own[s] if y is None else y + own[s]
-            out.append(y)
+                out[s] = own[s] if out[s] is None else out[s] + own[s]
         return out
+
+
+class CellInputs:
+    """What the cells of one type consume, prepared once per forward for all of them: per
+    cell input j (a cell input or a node), the weights (E_j, ops) of the edges leaving it,
+    in the order of ``groups[j]`` (edge indices), each edge's op weights times its edge
+    weight when there are edge weights; per node the edge weights as they are (PC-DARTS
+    weights the channels that bypass the ops with them); per edge the ops to compute."""
+
+    def __init__(self, cw: CellWeights, none_index: Optional[int], groups: Sequence[Sequence[int]],
+                 index_cache: Optional[dict] = None):
+        w = cw.ops                                                                   # (edges, ops)
+        if cw.edges is not None:
+            w = w * torch.cat(list(cw.edges))[:, None]  # edges are numbered node by node, inputs in order
+        index_cache = {} if index_cache is None else index_cache
+        key = (tuple(map(tuple, groups)), w.device)
+        if key not in index_cache:
+            index_cache[key] = torch.tensor([e for g in groups for e in g], device=w.device)
+        self.by_input: list[torch.Tensor] = list(w.index_select(0, index_cache[key]).split([len(g) for g in groups]))
+        self.betas: Optional[Sequence[Sequence[Weight]]] = None
+        if cw.edges is not None:
+            self.betas = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
+        self.active: Active = cw.resolve_active(none_index)

@@ -122,3 +122,49 @@ def test_supernet_trains_under_bf16_autocast(space, kw):
                                autocast=torch.bfloat16)
     assert torch.isfinite(r.loss) and torch.isfinite(r.arch_loss)
     assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("E,repeat", [(1, 1), (3, 1), (3, 3)])
+def test_edge_norms_match_one_norm_per_edge(layout, E, repeat):
+    """E edges' norms as one kernel (z repeated for edges reading one input) against
+    ``w[e] * bn_e(z_e)`` edge by edge: outputs, gradients and running statistics."""
+    from search_spaces.fast_ops import edge_norms
+    torch.manual_seed(0)
+    C = 4
+    z = torch.randn(6, C * E // repeat, 5, 5).contiguous(memory_format=layout).requires_grad_()
+    w = torch.rand(E, requires_grad=True)
+    bns, ref_bns = [nn.BatchNorm2d(C, affine=False) for _ in range(E)], [nn.BatchNorm2d(C, affine=False) for _ in range(E)]
+    y = edge_norms(z, bns, w, repeat)
+    zr = torch.cat([z] * repeat, 1)
+    ref = torch.cat([w[e] * bn(zr[:, e * C:(e + 1) * C]) for e, bn in enumerate(ref_bns)], 1)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, (z, w), g), torch.autograd.grad(ref, (z, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for bn, rbn in zip(bns, ref_bns):
+        torch.testing.assert_close(bn.running_mean, rbn.running_mean)
+        torch.testing.assert_close(bn.running_var, rbn.running_var)
+        assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("space,kw", [("darts", {"C": 8, "layers": 3, "partial_channels": 2, "edge_normalization": True}),
+                                      ("nas-bench-201", {"C": 8, "layers": 1})])
+def test_memory_format_changes_no_gradient(space, kw):
+    """The same supernet in NCHW and channels-last: the same loss and architecture gradients
+    (edge groups of one edge included)."""
+    import copy
+
+    import optimizers
+    import search_spaces
+    torch.manual_seed(0)
+    nets = [search_spaces.create(space, **kw)]
+    nets.append(copy.deepcopy(nets[0]))
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    grads = []
+    for net, cl in zip(nets, (False, True)):
+        optimizers.prepare_supernet(net, channels_last=cl)
+        F.cross_entropy(net(x), y).backward()
+        grads.append([p.grad for p in net.arch_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -79,19 +79,6 @@ def test_arch_and_weight_parameters_partition_the_model(space, kw):
     assert all(isinstance(p, nn.Parameter) for p in net.arch_parameters())
 
 
-def _count_op_calls(net):
-    """(edge path, op index) of every op that ran, seen through hooks on the op and all its
-    submodules (ops that share the input's ReLU run their layers without their own forward)."""
-    calls = set()
-    for name, m in net.named_modules():
-        if ".ops." not in name:
-            continue
-        edge, rest = name.split(".ops.", 1)
-        op = rest.split(".")[0]
-        m.register_forward_hook(lambda mod, i, o, key=(edge, op): calls.add(key))
-    return calls
-
-
 def _ops_that_ran(net):
     """(edge path, op index) of every op whose batch norms counted a batch (every DARTS op
     but the stride-1 skip and ``none`` ends in one; the edges leaving a node run their ops
@@ -133,13 +120,18 @@ def test_zero_weight_and_none_ops_are_skipped():
 
 def test_sampled_architecture_computes_one_op_per_edge():
     net = create("nas-bench-201", C=4, layers=1)
-    calls = _count_op_calls(net)
-    idx = [1, 2, 3, 4, 2, 1]
-    w = torch.nn.functional.one_hot(torch.tensor(idx), 5).float()
-    with torch.no_grad():  # (with gradients, fused kernels run the layers without their forward)
-        net(torch.randn(2, 3, 8, 8), {"normal": CellWeights(w, active=tuple((k,) for k in idx))})
-    assert len(calls) == 3 * 6  # 3 cells x 6 edges, one op each
-    assert all(int(op) == idx[int(edge.rsplit(".", 1)[1])] for edge, op in calls)  # only the sampled op
+    idx = [1, 2, 3, 4, 2, 1]  # skip, conv 1x1, conv 3x3, avg pool, conv 1x1, skip
+    w = torch.nn.functional.one_hot(torch.tensor(idx), 5).float().requires_grad_()
+    out = net(torch.randn(2, 3, 8, 8), {"normal": CellWeights(w, active=tuple((k,) for k in idx))})
+    convs = {e for e, k in enumerate(idx) if net.op_names[k].startswith("nor_conv")}
+    assert _ops_that_ran(net) == {(f"layers.{c}.edges.{e}", str(idx[e])) for c in (0, 2, 4) for e in convs}
+    out.sum().backward()
+    for e, k in enumerate(idx):  # only the sampled op's weight gets a gradient; it does on every edge
+        assert w.grad[e, k] != 0 and torch.all(w.grad[e, torch.arange(5) != k] == 0)
+    for c in (0, 2, 4):
+        for e, edge in enumerate(net.layers[c].edges):
+            for k, op in enumerate(edge.ops):
+                assert all((p.grad is not None) == (k == idx[e]) for p in op.parameters())
 
 
 def _reference_pc_node(cell, states, op_w, edge_w, node):
@@ -164,20 +156,27 @@ def cell_op_name(cell, k):
     return DARTS_OPS[k]
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("reduction", [False, True])
-def test_pc_darts_cell_matches_the_published_formulation(reduction, train):
-    """Outputs and, in training mode (batch statistics, pooling shared by the edges leaving a
-    node, fused weight-times-norm kernels), the architecture gradients too."""
-    from search_spaces.darts import CellInputs, SearchCell
+def test_pc_darts_cell_matches_the_published_formulation(reduction, train, sampled):
+    """Outputs and, in training mode (batch statistics, the edges leaving a node computed
+    together, fused weight-times-norm kernels), the gradients too; with dense weights and
+    with one sampled op per edge (GDAS: different edges of a group run different ops)."""
+    from search_spaces.darts import SearchCell, edge_index, edges_from
+    from search_spaces.mixed import CellInputs
     torch.manual_seed(1)
     cell = SearchCell(16, 16, 16, reduction, False, DARTS_OPS, nodes=4, multiplier=4, partial_channels=4).double()
     cell.train(train)
     s0, s1 = torch.randn(2, 16, 8, 8, dtype=torch.float64), torch.randn(2, 16, 8, 8, dtype=torch.float64)
-    op_w = torch.softmax(torch.randn(14, 8, dtype=torch.float64), -1).requires_grad_(train)
+    op_w = torch.softmax(torch.randn(14, 8, dtype=torch.float64), -1)
+    if sampled:
+        op_w = nn.functional.one_hot(torch.randint(1, 8, (14,)), 8).double()
+    op_w.requires_grad_(train)
     edge_w = [torch.softmax(torch.randn(i + 2, dtype=torch.float64), -1).requires_grad_(train) for i in range(4)]
     with torch.set_grad_enabled(train):
-        out = cell(s0, s1, CellInputs(CellWeights(op_w, edge_w), 0, 4, {}))
+        groups = [[edge_index(i, j) for i in edges_from(j, 4)] for j in range(5)]
+        out = cell(s0, s1, CellInputs(CellWeights(op_w, edge_w), 0, groups))
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
         for node in range(4):
             states.append(_reference_pc_node(cell, states, op_w, edge_w, node))
@@ -185,8 +184,12 @@ def test_pc_darts_cell_matches_the_published_formulation(reduction, train):
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
     if train:
         g = torch.randn_like(ref)
-        mine = torch.autograd.grad(out, [op_w, *edge_w, *cell.parameters()], g)
-        theirs = torch.autograd.grad(ref, [op_w, *edge_w, *cell.parameters()], g)
+        inputs = [op_w, *edge_w, *cell.parameters()]
+        mine = torch.autograd.grad(out, inputs, g, allow_unused=True, materialize_grads=True)
+        theirs = torch.autograd.grad(ref, inputs, g)
+        if sampled:  # ops not computed have no gradient (the reference's is that of a zero weight)
+            active = op_w.detach() != 0
+            theirs = (torch.where(active, theirs[0], 0.0), *theirs[1:])
         for a, b in zip(mine, theirs):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
