@@ -43,9 +43,49 @@ def _small_nchw(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dim() == 4 and x.shape[1] <= SMALL_CHANNELS and x.is_contiguous()
 
 
+def _ones(v) -> bool:
+    return all(i == 1 for i in v) if isinstance(v, (tuple, list)) else v == 1
+
+
+def _zeros(v) -> bool:
+    return all(i == 0 for i in v) if isinstance(v, (tuple, list)) else v == 0
+
+
+def _grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, stride, padding, groups: int) -> bool:
+    """A grouped 1x1 convolution of a contiguous NCHW tensor on CPU: one batched matrix product
+    is 2-7x faster than oneDNN's grouped convolution at the edge groups' sizes (forward and
+    backward, E = 2-4 groups of 4-16 channels)."""
+    return (groups > 1 and x.device.type == "cpu" and x.dim() == 4 and weight.shape[-2:] == (1, 1)
+            and _ones(stride) and _zeros(padding) and x.is_contiguous())
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The grouped 1x1 convolution as ``weight_g @ x_g`` per group: (B, G*ci, H, W) -> (B, G*co, H, W)."""
+    B, _, H, W = x.shape
+    wg = weight.to(x.dtype).reshape(groups, weight.shape[0] // groups, weight.shape[1])  # (G, co, ci)
+    return torch.matmul(wg, x.view(B, groups, -1, H * W)).view(B, -1, H, W)             # (B, G*co, H, W)
+
+
+def _pointwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, groups: int,
+                        need_x: bool, need_w: bool) -> tuple:
+    """Input and weight gradients of ``_pointwise``, in the gradient's dtype."""
+    B, _, H, W = grad.shape
+    g = grad.contiguous().view(B, groups, -1, H * W)                                 # (B, G, co, HW)
+    grad_x = grad_w = None
+    if need_x:
+        wg = weight.to(g.dtype).reshape(groups, weight.shape[0] // groups, weight.shape[1])
+        grad_x = torch.matmul(wg.transpose(1, 2), g).view(B, -1, H, W)              # (B, G*ci, H, W)
+    if need_w:
+        xg = x.to(g.dtype).view(B, groups, -1, H * W)                                # (B, G, ci, HW)
+        grad_w = torch.matmul(g, xg.transpose(2, 3)).sum(0).reshape(weight.shape)    # (G*co, ci, 1, 1)
+    return grad_x, grad_w
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d`` without bias, run in channels-last for few-channel NCHW inputs on CPU (the
-    output is NCHW again)."""
+    output is NCHW again), grouped 1x1 convolutions there as matrix products."""
+    if _grouped_pointwise(x, weight, stride, padding, groups):
+        return _pointwise(x, weight, groups)
     if _small_nchw(x):
         return F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, None, stride, padding, dilation,
                         groups).contiguous()
@@ -54,6 +94,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=
 
 def conv2d_input(shape, weight: torch.Tensor, grad: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
     """The input gradient of ``conv2d``, in the same layouts."""
+    if _grouped_pointwise(grad, weight, stride, padding, groups):
+        return _pointwise_backward(grad, None, weight, groups, True, False)[0]
     if _small_nchw(grad):
         return torch.nn.grad.conv2d_input(shape, weight, grad.contiguous(memory_format=torch.channels_last),
                                           stride, padding, dilation, groups).contiguous()
@@ -376,6 +418,10 @@ class _Conv1x1BatchNorm(torch.autograd.Function):
             grad.contiguous(memory_format=_layout(z)), z, weight, None, None, mean, invstd, True, ctx.eps,
             [True, False, False])[0]
         del z
+        if _grouped_pointwise(u, w, stride, padding, groups):
+            grad_u, grad_w = _pointwise_backward(grad_z, u, w, groups, *ctx.needs_input_grad[:2])
+            return (None if grad_u is None else grad_u.to(u_dtype), None if grad_w is None else
+                    grad_w.to(conv_weight.dtype), None, None, None, None, None, None)
         small = _small_nchw(u)
         if small:  # the convolution ran in channels-last: so does its backward
             cl = torch.channels_last

@@ -168,3 +168,26 @@ def test_memory_format_changes_no_gradient(space, kw):
         grads.append([p.grad for p in net.arch_parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])   # architecture step / weight step
+@pytest.mark.parametrize("groups", [2, 3])
+def test_edge_pointwise_convolutions_match_grouped_conv(groups, weight_grad):
+    """E edges' 1x1 convolutions as one grouped convolution (a batched matrix product on CPU)
+    followed by their norms and op weights, against ``F.conv2d(groups=E)`` and ``w[e] * bn_e``."""
+    from search_spaces.fast_ops import edge_conv1x1_norms
+    torch.manual_seed(0)
+    q = 4
+    u = torch.randn(3, groups * q, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(groups * q, q, 1, 1, dtype=torch.float64, requires_grad=weight_grad)
+    w = torch.rand(groups, dtype=torch.float64, requires_grad=not weight_grad)
+    bns = [nn.BatchNorm2d(q, affine=False).double() for _ in range(groups)]
+    ref_bns = [nn.BatchNorm2d(q, affine=False).double() for _ in range(groups)]
+    out = edge_conv1x1_norms(u, weight, bns, w, groups)
+    z = F.conv2d(u, weight, groups=groups)
+    ref = torch.cat([w[e] * bn(z[:, e * q:(e + 1) * q]) for e, bn in enumerate(ref_bns)], 1)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    wrt = (u, weight) if weight_grad else (u, w)
+    for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        torch.testing.assert_close(a, b)
