@@ -206,8 +206,8 @@ class EdgeGroup:
             ops = [self.edges[s].ops[k] for s in slots]
             wk = w[:, k] if len(slots) == E else w[slots, k]
             y = _GROUPED.get(type(ops[0]), _one_by_one)(ops, self.inp, wk)
-            if len(slots) == E:
-                total = y if total is None else total + y
+            if len(slots) == E:  # in place: no op output is kept for backward (autograd would object)
+                total = y if total is None else total.add_(y)
                 continue
             for s, part in zip(slots, y.split(C, 1)):  # split, not slices: its backward is one cat
                 own[s] = part if own[s] is None else own[s] + part
