@@ -466,15 +466,16 @@ def conv_batch_norm(u: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tor
 
 # -- the norms of E edges computed as one tensor ------------------------------------------
 def _edge_stats(bns) -> tuple:
-    """The running statistics of E affine-free norms, concatenated, with (momentum, eps);
-    counts the batch as each norm would. ``_store_stats`` writes them back."""
-    if not (bns[0].training and bns[0].track_running_stats):
-        return (torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns]),
-                0.0, bns[0].eps) if bns[0].track_running_stats else (None, None, 0.0, bns[0].eps)
-    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    """The running statistics of E affine-free norms, concatenated, with (momentum, eps); in
+    training counts the batch as each norm would. ``_store_stats`` writes them back."""
     bn = bns[0]
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return torch.cat([bn.running_mean for bn in bns]), torch.cat([bn.running_var for bn in bns]), momentum, bn.eps
+    if not bn.track_running_stats:
+        return None, None, 0.0, bn.eps
+    momentum = 0.0
+    if bn.training:
+        torch._foreach_add_([b.num_batches_tracked for b in bns], 1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return torch.cat([b.running_mean for b in bns]), torch.cat([b.running_var for b in bns]), momentum, bn.eps
 
 
 def _store_stats(bns, running_mean, running_var) -> None:
