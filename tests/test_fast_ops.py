@@ -151,7 +151,7 @@ def test_edge_norms_match_one_norm_per_edge(layout, E, repeat):
 @pytest.mark.parametrize("space,kw", [("darts", {"C": 8, "layers": 3, "partial_channels": 2, "edge_normalization": True}),
                                       ("nas-bench-201", {"C": 8, "layers": 1})])
 def test_memory_format_changes_no_gradient(space, kw):
-    """The same supernet in NCHW and channels-last: the same loss and architecture gradients
+    """The same supernet in NCHW and channels-last: the same architecture gradients
     (edge groups of one edge included)."""
     import copy
 
