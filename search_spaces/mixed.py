@@ -7,7 +7,9 @@ depthwise convolutions over the input repeated E times with the edges' kernels
 concatenated, pointwise convolutions grouped by edge, the batch norms as one norm over the
 edges' channels with each edge's op weight as the affine weight. Per channel this is the
 same arithmetic as edge by edge; a step launches about a third as many kernels, which at
-the supernets' 4-64 channels cost more than their arithmetic.
+the supernets' 4-64 channels cost more than their arithmetic. The DARTS space uses groups;
+NAS-Bench-201 runs edge by edge (grouped, its channels-last blocks cost more in layout
+copies than the groups saved: see benchmarks/README.md).
 """
 from __future__ import annotations
 
