@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Active, CellWeights
-from .fast_ops import (AvgPool3x3, MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms,
-                       scaled_batch_norm)
-from .ops import DilConv, FactorizedReduce, SepConv, create_op
+from .fast_ops import AvgPool3x3, MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms
+from .ops import DilConv, FactorizedReduce, SepConv, create_op, shifted_by_one
 
 
 class EdgeInput:
@@ -93,8 +92,8 @@ class MixedEdge(nn.Module):
         out = None
         for k in active:
             op, wk = self.ops[k], w[k]
-            if isinstance(wk, torch.Tensor) and (isinstance(op, PoolBN) or hasattr(op, "pre_bn")):
-                y = self._scaled(op, inp, wk)
+            if isinstance(wk, torch.Tensor) and hasattr(op, "scaled"):  # the weight fused into the op's norm
+                y = op.scaled(inp.x, inp.relu, wk)
                 out = y if out is None else out + y
                 continue
             if isinstance(op, PoolBN):
@@ -107,18 +106,6 @@ class MixedEdge(nn.Module):
                 y = op(inp.x)
             out = accumulate(out, y, wk)
         return out
-
-    @staticmethod
-    def _scaled(op: nn.Module, inp: EdgeInput, w: torch.Tensor) -> torch.Tensor:
-        """``w * op(x)`` for an op ending in an affine-free batch norm, with ``w`` as the
-        norm's affine weight (one kernel each way, the norm's output not kept)."""
-        if hasattr(op, "scaled"):
-            return op.scaled(inp.x, inp.relu, w)
-        if isinstance(op, PoolBN):
-            z, bn = inp.pooled(op[0]), op[1]
-        else:
-            z, bn = op.pre_bn(inp.x, inp.relu if getattr(op, "pre_relu", False) else None)
-        return scaled_batch_norm(z, bn, w)
 
 
 
@@ -174,11 +161,8 @@ def _skip(ops: Sequence[nn.Identity], inp: EdgeInput, w: Optional[torch.Tensor])
 @grouped(FactorizedReduce)
 def _factorized_reduce(ops: Sequence[FactorizedReduce], inp: EdgeInput, w: Optional[torch.Tensor]) -> torch.Tensor:
     r, E = inp.relu, len(ops)
-    shifted = r[:, :, 1:, 1:]
-    if r.shape[2] % 2 or r.shape[3] % 2:
-        shifted = F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
     a = conv(r, _cat_weights([op.conv_1 for op in ops]), 2)                          # (B, E*C/2, H/2, W/2)
-    b = conv(shifted, _cat_weights([op.conv_2 for op in ops]), 2)
+    b = conv(shifted_by_one(r), _cat_weights([op.conv_2 for op in ops]), 2)
     z = torch.stack([a.unflatten(1, (E, -1)), b.unflatten(1, (E, -1))], 2).flatten(1, 3)  # (B, E*C, H/2, W/2)
     return edge_norms(z, [op.bn for op in ops], w)
 

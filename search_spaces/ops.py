@@ -64,9 +64,9 @@ def create_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
 
 # Ops that begin with a ReLU set ``pre_relu`` and offer ``forward_relu(relu(x))``, so a
 # supernet computes ``relu(x)`` once per input and shares it among all the ops that read it.
-# Ops that end in a batch norm offer ``pre_bn(x, relu_x) -> (z, bn)`` with ``bn(z)`` their
-# output, so a supernet can fuse the norm with the op's architecture weight; ``scaled(x, r, w)``,
-# where offered, computes ``w * op(x)`` itself.
+# ``scaled(x, relu_x, w)``, where offered, computes ``w * op(x)`` with the weight fused into the
+# op's final norm (NAS-Bench-201's per-edge path; the DARTS space computes its edges in groups,
+# see ``mixed.py``).
 
 
 class ReLUConvBN(nn.Sequential):
@@ -84,9 +84,6 @@ class ReLUConvBN(nn.Sequential):
 
     def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
         return conv_batch_norm(r, self[1], self[2])
-
-    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
-        return self[1](r), self[2]
 
     def scaled(self, x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``w * self(x)`` given ``r = relu(x)``. A 1x1 convolution's output is recomputed in
@@ -117,9 +114,6 @@ class DilConv(nn.Sequential):
     def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
         return conv_batch_norm(self[1](r), self[2], self[3])
 
-    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
-        return self[2](self[1](r)), self[3]
-
 
 class SepConv(nn.Sequential):
     """The DARTS separable convolution: the ReLU-dw-pw-BN block applied twice."""
@@ -134,10 +128,6 @@ class SepConv(nn.Sequential):
 
     def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
         return self[1](self[0].forward_relu(r))
-
-    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
-        h = self[0].forward_relu(r)
-        return self[1].pre_bn(h, F.relu(h))
 
 
 class FactorizedReduce(nn.Module):
@@ -157,15 +147,16 @@ class FactorizedReduce(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_relu(self.relu(x))
 
-    def forward_relu(self, x: torch.Tensor) -> torch.Tensor:
-        z, bn = self.pre_bn(None, x)
-        return bn(z)
+    def forward_relu(self, r: torch.Tensor) -> torch.Tensor:
+        return self.bn(torch.cat([self.conv_1(r), self.conv_2(shifted_by_one(r))], dim=1))
 
-    def pre_bn(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, nn.BatchNorm2d]:
-        shifted = r[:, :, 1:, 1:]
-        if r.shape[2] % 2 or r.shape[3] % 2:  # odd sizes: pad so both halves agree in shape
-            shifted = F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
-        return torch.cat([self.conv_1(r), self.conv_2(shifted)], dim=1), self.bn
+
+def shifted_by_one(r: torch.Tensor) -> torch.Tensor:
+    """``r`` shifted by one pixel down and right, the second half's input in a factorized
+    reduce (odd sizes padded so both halves agree in shape)."""
+    if r.shape[2] % 2 or r.shape[3] % 2:
+        return F.pad(r, (0, 1, 0, 1))[:, :, 1:, 1:]
+    return r[:, :, 1:, 1:]
 
 
 class Zero(nn.Module):
