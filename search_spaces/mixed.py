@@ -60,14 +60,17 @@ def accumulate(acc: Optional[torch.Tensor], y: torch.Tensor, w: Weight) -> torch
     return acc + w * y
 
 
+def as_weights(t: torch.Tensor) -> list:
+    """``t``'s entries nested like ``t.tolist()``: tensor views when gradients flow to them,
+    else plain numbers (one host transfer)."""
+    if not t.requires_grad:
+        return t.tolist()
+    return [as_weights(row) for row in t.unbind(0)] if t.dim() > 1 else list(t.unbind(0))
+
+
 def unpack(cw: CellWeights) -> tuple[Sequence[Sequence[Weight]], Optional[Sequence[Sequence[Weight]]]]:
-    """Per-edge op weights and per-node edge weights, as tensor views when gradients flow to
-    them, else as plain numbers (one host transfer)."""
-    ops = [row.unbind(0) for row in cw.ops.unbind(0)] if cw.ops.requires_grad else cw.ops.tolist()
-    edges = None
-    if cw.edges is not None:
-        edges = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
-    return ops, edges
+    """Per-edge op weights and per-node edge weights (``as_weights``)."""
+    return as_weights(cw.ops), None if cw.edges is None else [as_weights(e) for e in cw.edges]
 
 
 class PoolBN(nn.Sequential):
@@ -221,7 +224,6 @@ class CellInputs:
         if key not in index_cache:
             index_cache[key] = torch.tensor([e for g in groups for e in g], device=w.device)
         self.by_input: list[torch.Tensor] = list(w.index_select(0, index_cache[key]).split([len(g) for g in groups]))
-        self.betas: Optional[Sequence[Sequence[Weight]]] = None
-        if cw.edges is not None:
-            self.betas = [e.unbind(0) if e.requires_grad else e.tolist() for e in cw.edges]
+        self.betas: Optional[Sequence[Sequence[Weight]]] = (
+            None if cw.edges is None else [as_weights(e) for e in cw.edges])
         self.active: Active = cw.resolve_active(none_index)
