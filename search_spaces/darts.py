@@ -31,9 +31,11 @@ def edge_index(i: int, j: int) -> int:
     return i * (i + 3) // 2 + j
 
 
-def edges_from(j: int, nodes: int) -> list[int]:
-    """The nodes that input ``j`` feeds: all of them for the cell inputs, later ones for a node."""
-    return list(range(max(0, j - 1), nodes))
+def edge_groups(nodes: int) -> list[list[tuple[int, int]]]:
+    """Per cell input j (0, 1: the cell inputs; 2+: the nodes), (node, edge index) of every
+    edge leaving it: into all nodes from a cell input, into the later nodes from a node. The
+    order in which an ``EdgeGroup`` computes them."""
+    return [[(i, edge_index(i, j)) for i in range(max(0, j - 1), nodes)] for j in range(nodes + 1)]
 
 
 class SearchCell(nn.Module):
@@ -57,6 +59,7 @@ class SearchCell(nn.Module):
             MixedEdge(C // partial_channels, 2 if reduction and j < 2 else 1, op_names)
             for i in range(nodes) for j in range(i + 2))
         self.pass_pool = nn.MaxPool2d(2, 2) if reduction and partial_channels > 1 else None
+        self.groups = edge_groups(nodes)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: CellInputs) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -65,10 +68,9 @@ class SearchCell(nn.Module):
         q = C // self.K
         parts: list[Optional[torch.Tensor]] = [None] * self.nodes   # per node: sum of its edges' op outputs
         rests: list[Optional[torch.Tensor]] = [None] * self.nodes   # PC-DARTS: the channels the ops skip
-        for j in range(self.nodes + 1):
+        for j, pairs in enumerate(self.groups):
             h = states[j]
-            targets = edges_from(j, self.nodes)
-            ids = [edge_index(i, j) for i in targets]
+            targets, ids = zip(*pairs)
             group = EdgeGroup([self.edges[e] for e in ids], EdgeInput(h if self.K == 1 else h[:, :q]))
             outs = group.forward(weights.by_input[j], [weights.active[e] for e in ids])
             rest = None
@@ -114,7 +116,7 @@ class DartsSupernet(nn.Module):
         self.n_edges = nodes * (nodes + 3) // 2
         self.edge_normalization = edge_normalization
         self._index_cache: dict = {}
-        self.edge_groups = [[edge_index(i, j) for i in edges_from(j, nodes)] for j in range(nodes + 1)]
+        self.edge_groups = [[e for _, e in pairs] for pairs in edge_groups(nodes)]
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_prev, C_curr = C_curr, C_curr, C

@@ -163,7 +163,7 @@ def test_pc_darts_cell_matches_the_published_formulation(reduction, train, sampl
     """Outputs and, in training mode (batch statistics, the edges leaving a node computed
     together, fused weight-times-norm kernels), the gradients too; with dense weights and
     with one sampled op per edge (GDAS: different edges of a group run different ops)."""
-    from search_spaces.darts import SearchCell, edge_index, edges_from
+    from search_spaces.darts import SearchCell, edge_groups
     from search_spaces.mixed import CellInputs
     torch.manual_seed(1)
     cell = SearchCell(16, 16, 16, reduction, False, DARTS_OPS, nodes=4, multiplier=4, partial_channels=4).double()
@@ -175,7 +175,7 @@ def test_pc_darts_cell_matches_the_published_formulation(reduction, train, sampl
     op_w.requires_grad_(train)
     edge_w = [torch.softmax(torch.randn(i + 2, dtype=torch.float64), -1).requires_grad_(train) for i in range(4)]
     with torch.set_grad_enabled(train):
-        groups = [[edge_index(i, j) for i in edges_from(j, 4)] for j in range(5)]
+        groups = [[e for _, e in pairs] for pairs in edge_groups(4)]
         out = cell(s0, s1, CellInputs(CellWeights(op_w, edge_w), 0, groups))
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
         for node in range(4):
