@@ -49,6 +49,7 @@ class _Trial(PyTorchTrial):
         self.steps = 0                # batches trained (restored from checkpoints)
         self.start_batch = 0          # set by TrialState on a local resume
         self.last_metrics: dict[str, Any] = {}
+        self.last_validation_step: Optional[int] = None     # the step last_metrics were measured at
         self.last_checkpoint: Optional[str] = None
         self.progress = Progress(self.name, self.total_steps, enabled=self.rank == 0)
         self.seed = seed
@@ -153,6 +154,7 @@ class SearchTrial(_Trial):
             metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
         metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
         metrics["genotype"] = self.arch.genotype().to_str()
+        self.last_validation_step = self.steps
         self.progress.validation(self.steps, metrics)
         return metrics
 
@@ -166,9 +168,13 @@ class SearchTrial(_Trial):
         """``genotype.json`` beside the checkpoint: what a retraining reads."""
         genotype = self.arch.genotype()
         probs = self.arch.probabilities()
+        info = det.get_cluster_info()
+        run = (f"experiment {info.trial.experiment_id} trial {info.trial.trial_id}"
+               if info is not None and info.task_type == "TRIAL" else str(checkpoint_dir.parent.parent))
         write_json(checkpoint_dir / "genotype.json", {
             **genotype.to_json(), "step": self.steps, "epoch": self.steps / self.epoch_len,
             "optimizer": self.cfg.optimizer, "seed": self.cfg.seed, "op_names": list(self.supernet.op_names),
+            "run": run, "validation_step": self.last_validation_step,
             "arch_weights": {ct: {"ops": cw.ops.cpu().tolist(),
                                   "edges": [e.cpu().tolist() for e in cw.edges] if cw.edges is not None else None}
                              for ct, cw in probs.items()},
@@ -191,6 +197,7 @@ class RetrainTrial(_Trial):
                                            num_classes=self.data.num_classes, auxiliary=cfg.auxiliary,
                                            variant=cfg.variant)
         c, h, w = self.data.image_shape
+        self.candidate = cfg.candidate_metrics(self.genotype)
         self.size = {"params": search_spaces.count_parameters(net),
                      "params_with_auxiliary": search_spaces.count_parameters(net, include_auxiliary=True),
                      "macs": search_spaces.count_macs(net, (1, c, h, w))}
@@ -240,7 +247,8 @@ class RetrainTrial(_Trial):
         val = self._evaluate(data_loader, forward)
         test = self._evaluate(self.test_loader, forward)
         metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
-                   "test_accuracy": test["accuracy"], **self.size, "genotype": self.genotype.to_str()}
+                   "test_accuracy": test["accuracy"], **self.size, "genotype": self.genotype.to_str(),
+                   **self.candidate}
         self.progress.validation(self.steps, metrics)
         return metrics
 

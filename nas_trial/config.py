@@ -112,6 +112,7 @@ class RetrainConfig:
     seed: int = 0
     validate_every: int = 1
     checkpoint_every: int = 10
+    candidates: Optional[list] = None          # provenance of the cells a candidates experiment retrains
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "RetrainConfig":
@@ -134,4 +135,16 @@ class RetrainConfig:
             raise ValueError("cutout, weight_decay, grad_clip and auxiliary_weight must be >= 0")
         if cfg.variant not in ("cifar", "imagenet"):
             raise ValueError(f"unknown variant {cfg.variant!r}; valid variants: cifar, imagenet")
+        if cfg.candidates is not None and not (isinstance(cfg.candidates, list) and all(
+                isinstance(c, dict) and isinstance(c.get("genotype"), str) for c in cfg.candidates)):
+            raise ValueError("candidates must be a list of mappings with a 'genotype' string each, as "
+                             "`python -m nas_trial candidates` writes them")
         return cfg
+
+    def candidate_metrics(self, genotype: Any) -> dict[str, Any]:
+        """Where the trained cell came from (``candidate_*`` metrics), when ``candidates`` lists it."""
+        key = genotype.canonical().to_str()
+        for c in self.candidates or []:
+            if search_spaces.parse_genotype(c["genotype"]).canonical().to_str() == key:
+                return {f"candidate_{k}": v for k, v in c.items() if k != "genotype"}
+        return {}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import determined as det
+import determined.pytorch  # noqa: F401  (det.pytorch below)
 
 PROGRESS_FILE = "progress.json"
 
@@ -29,10 +30,15 @@ def epoch_length(batches_per_epoch: int, world_size: int) -> int:
     return math.ceil(batches_per_epoch / world_size)
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=_jsonable))
 
 
 def _jsonable(v: Any) -> Any:

@@ -74,6 +74,15 @@ class DartsGenotype:
 
     __str__ = to_str
 
+    def canonical(self) -> "DartsGenotype":
+        """The same architecture with each node's two edges and the concat lists sorted, so that
+        equal cells compare (and print) equal."""
+        def nodes(es: Sequence[Edge]) -> tuple[Edge, ...]:
+            return tuple(e for k in range(0, len(es), 2) for e in sorted(es[k:k + 2], key=lambda e: (e[1], e[0])))
+
+        return DartsGenotype(nodes(self.normal), tuple(sorted(self.normal_concat)), nodes(self.reduce),
+                             tuple(sorted(self.reduce_concat)))
+
     @classmethod
     def from_str(cls, text: str) -> "DartsGenotype":
         """Parse the DARTS form (``range(2, 6)`` and per-node nested lists are accepted too)."""
@@ -173,6 +182,10 @@ class NB201Genotype:
         return "|" + "|+|".join("|".join(f"{op}~{j}" for op, j in node) for node in self.nodes) + "|"
 
     __str__ = to_str
+
+    def canonical(self) -> "NB201Genotype":
+        """The same cell with each node's edges in input order (equal cells print equal)."""
+        return NB201Genotype(tuple(tuple(sorted(node, key=lambda e: e[1])) for node in self.nodes))
 
     @property
     def edges(self) -> tuple[Edge, ...]:

@@ -20,7 +20,7 @@ def test_there_are_the_expected_experiments():
     names = {p.stem for p in EXPERIMENTS}
     assert {"search-gaea-pcdarts-cifar10", "search-gaea-pcdarts-cifar10-distributed", "search-gaea-nb201-cifar10",
             "search-gaea-nb201-cifar100", "search-gaea-nb201-imagenet16", "ablation-nb201", "retrain-darts-cifar10",
-            "retrain-nb201", "retrain-darts-asha", "quickstart"} <= names
+            "retrain-nb201", "retrain-darts-asha", "retrain-nb201-asha", "quickstart"} <= names
 
 
 def test_configs_pass_determineds_own_schemas():
@@ -45,7 +45,8 @@ def test_config_fields(path):
     assert "e-" not in "".join(l.split("#")[0] for l in text.splitlines() if "1e-" in l or "0e-" in l and ".0e-" not in l)
     if cfg["searcher"]["name"] == "adaptive_asha":
         s = cfg["searcher"]
-        assert s["time_metric"] == "epochs" and s["max_time"] == 600 and s["max_trials"] and s["max_rungs"] and s["divisor"]
+        assert s["time_metric"] == "epochs" and s["max_time"] == cfg["hyperparameters"]["epochs"]
+        assert s["max_trials"] and s["max_rungs"] and s["divisor"]
         assert s["metric"] == "val_accuracy" and s["smaller_is_better"] is False
     hp = cfg["hyperparameters"]
     assert "global_batch_size" in hp

@@ -1,0 +1,254 @@
+"""From several searches to one retraining experiment: collect the genotypes that searches
+wrote (``genotype.json`` beside each checkpoint), keep the best ``K`` distinct ones, and write
+a retraining YAML whose ``genotype`` hyperparameter is a categorical over them.
+
+    python -m nas_trial candidates SOURCE... --top K --base BASE.yaml --output OUT.yaml [--pick best|final]
+
+A SOURCE is a ``genotype.json``, a checkpoint directory, a local run's ``--output`` directory or
+a directory of downloaded checkpoints (``det checkpoint download``): every ``genotype.json``
+below it counts. Candidates are ranked by the search's own validation accuracy at that
+checkpoint (the supernet's, under the architecture weights it had); ``--pick final`` takes only
+each run's last checkpoint instead. The written YAML is self-contained (genotype strings, not
+paths) and differs from BASE only in ``hyperparameters.genotype``, ``hyperparameters.candidates``
+(where each came from, reported by the retraining as metrics) and ``description``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from search_spaces import Genotype, GenotypeError
+from search_spaces.genotypes import genotype_from_json
+
+from .asha import plan as asha_plan
+
+GENOTYPE_FILE = "genotype.json"
+PICKS = ("best", "final")
+
+
+class CandidatesError(ValueError):
+    """A source, base config or option that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """One ``genotype.json``: the genotype and where it came from."""
+    genotype: Genotype
+    path: Path
+    run: str                       # the search run: a local output directory, or "experiment E trial T"
+    checkpoint: str                # checkpoint directory name (its UUID)
+    step: Optional[int]
+    seed: Optional[int]
+    optimizer: Optional[str]
+    search_accuracy: Optional[float]   # the search's val_accuracy at that checkpoint
+
+    @property
+    def key(self) -> str:
+        """Equal for equal architectures (DARTS node inputs in any order)."""
+        return self.genotype.canonical().to_str()
+
+    def provenance(self, rank: int) -> dict[str, Any]:
+        out = {"rank": rank, "genotype": self.genotype.to_str(), "run": self.run, "checkpoint": self.checkpoint,
+               "step": self.step, "seed": self.seed, "optimizer": self.optimizer,
+               "search_accuracy": self.search_accuracy}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _run_of(path: Path, data: dict[str, Any]) -> str:
+    if isinstance(data.get("run"), str) and data["run"]:
+        return data["run"]
+    ckpt = path.parent
+    # a local run keeps its checkpoints as <output>/determined/<uuid>/
+    return str(ckpt.parent.parent) if ckpt.parent.name == "determined" else str(ckpt)
+
+
+def read_genotype_file(path: Path) -> Found:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CandidatesError(f"{path} is not a readable genotype.json ({e}); remove it or pass other sources") from None
+    if not isinstance(data, dict) or "genotype" not in data:
+        raise CandidatesError(f"{path} has no 'genotype' entry: it is not a genotype.json written by a search")
+    try:
+        genotype = genotype_from_json(data)
+    except GenotypeError as e:
+        raise CandidatesError(f"{path}: {e}") from None
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    accuracy = metrics.get("val_accuracy")
+    accuracy = float(accuracy) if isinstance(accuracy, (int, float)) and math.isfinite(accuracy) else None
+    step = data.get("step")
+    return Found(genotype=genotype, path=path, run=_run_of(path, data), checkpoint=path.parent.name,
+                 step=int(step) if isinstance(step, int) else None,
+                 seed=data.get("seed") if isinstance(data.get("seed"), int) else None,
+                 optimizer=data.get("optimizer") if isinstance(data.get("optimizer"), str) else None,
+                 search_accuracy=accuracy)
+
+
+def collect(sources: Sequence[str]) -> list[Found]:
+    """Every ``genotype.json`` named by or below the sources, each file once."""
+    found, seen = [], set()
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(path.rglob(GENOTYPE_FILE))
+            if not files:
+                raise CandidatesError(f"{source}: no {GENOTYPE_FILE} below this directory; pass a search's "
+                                      "output directory, checkpoint directory or genotype.json")
+        else:
+            raise CandidatesError(f"{source} does not exist; pass a search's output directory, checkpoint "
+                                  "directory or genotype.json")
+        for f in files:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                found.append(read_genotype_file(f))
+    spaces = sorted({f.genotype.space for f in found})
+    if len(spaces) > 1:
+        examples = ", ".join(f"{next(f.path for f in found if f.genotype.space == s)} ({s})" for s in spaces)
+        raise CandidatesError(f"the sources mix search spaces: {examples}; build candidates for one space at a time")
+    return found
+
+
+def _score(f: Found) -> tuple:
+    """Sort key: known accuracy first, higher first, then the later checkpoint."""
+    return (f.search_accuracy is None, -(f.search_accuracy or 0.0), -(f.step or 0))
+
+
+def rank(found: Sequence[Found], top: int, pick: str = "best") -> list[Found]:
+    """The ``top`` best distinct genotypes. ``pick="final"``: each run's last checkpoint only."""
+    if top < 1:
+        raise CandidatesError(f"--top must be >= 1, got {top}")
+    if pick not in PICKS:
+        raise CandidatesError(f"--pick must be one of {', '.join(PICKS)}, got {pick!r}")
+    pool = list(found)
+    if pick == "final":
+        last: dict[str, Found] = {}
+        for f in pool:
+            if f.run not in last or (f.step or 0) > (last[f.run].step or 0):
+                last[f.run] = f
+        pool = list(last.values())
+    chosen, keys = [], set()
+    for f in sorted(pool, key=_score):
+        if f.key not in keys:
+            keys.add(f.key)
+            chosen.append(f)
+    return chosen[:top]
+
+
+def _load_base(path: str) -> dict[str, Any]:
+    from .runner import load_config
+
+    try:
+        config = load_config(path)
+    except ValueError as e:
+        raise CandidatesError(f"--base: {e}") from None
+    hp = config["hyperparameters"]
+    if "genotype" not in hp:
+        raise CandidatesError(f"--base {path} is not a retraining (no 'genotype' hyperparameter); use a retrain-*.yaml "
+                              "such as experiments/retrain-darts-asha.yaml or experiments/retrain-nb201-asha.yaml")
+    searcher = config.get("searcher") or {}
+    if searcher.get("name") == "single":
+        raise CandidatesError(f"--base {path} uses the 'single' searcher, which would train one sampled candidate; "
+                              "use an adaptive_asha (or grid, random) base such as experiments/retrain-nb201-asha.yaml")
+    return config
+
+
+def _base_space(hp: dict[str, Any]) -> Optional[str]:
+    space = hp.get("space")
+    if isinstance(space, dict):
+        space = space.get("val")
+    return space if isinstance(space, str) else None
+
+
+def trials_note(searcher: dict[str, Any], k: int) -> str:
+    """How the searcher spreads its trials over ``k`` candidates."""
+    name = searcher.get("name")
+    if name in ("adaptive_asha", "random"):
+        n = asha_plan(searcher).trials if name == "adaptive_asha" else int(searcher.get("max_trials") or 0)
+        missed = (1 - 1 / k) ** n if n else 1.0
+        return (f"The master samples the genotype uniformly per trial: ~{n / k:.1f} of the {n} trials per candidate; "
+                f"a candidate gets no trial with probability {missed:.2g}.")
+    if name == "grid":
+        return "The grid trains every candidate with every combination of the other grid values."
+    return f"Searcher {name!r}."
+
+
+def build(found: Sequence[Found], chosen: Sequence[Found], base: dict[str, Any], base_path: str,
+          pick: str) -> tuple[dict[str, Any], str]:
+    """The candidates experiment (a copy of ``base``) and its header comment."""
+    space = chosen[0].genotype.space
+    hp = base["hyperparameters"]
+    if _base_space(hp) not in (None, space):
+        raise CandidatesError(f"--base {base_path} retrains the {_base_space(hp)} space but the candidates are "
+                              f"{space} genotypes; use a {space} base (e.g. experiments/retrain-"
+                              f"{'nb201' if space == 'nas-bench-201' else 'darts'}-asha.yaml)")
+    config = json.loads(json.dumps(base))       # deep copy, plain types
+    provenance = [f.provenance(i) for i, f in enumerate(chosen, 1)]
+    config["hyperparameters"]["genotype"] = {"type": "categorical", "vals": [f.genotype.to_str() for f in chosen]}
+    config["hyperparameters"]["candidates"] = {"type": "const", "val": provenance}
+    how = ("each run's last checkpoint, ranked by its validation accuracy" if pick == "final" else
+           "every checkpoint, ranked by the search's own validation accuracy at that checkpoint")
+    lines = [f"{len(chosen)} candidate {space} cells from {len(found)} genotype.json file(s) "
+             f"({len({f.run for f in found})} run(s)), distinct genotypes only, from {how}:"]
+    for p in provenance:
+        acc = f"{p['search_accuracy']:.4f}" if "search_accuracy" in p else "unknown"
+        lines.append(f"  {p['rank']}. search val_accuracy {acc}; run {p['run']}, checkpoint {p['checkpoint']}, "
+                     f"step {p.get('step', '?')}, seed {p.get('seed', '?')}, optimizer {p.get('optimizer', '?')}")
+    lines.append(f"Retraining: {base_path} with hyperparameters.genotype over these cells.")
+    config["description"] = "\n".join(lines)
+    header = [f"Generated by: python -m nas_trial candidates (base {base_path}).", *lines,
+              trials_note(config.get("searcher") or {}, len(chosen))]
+    comment = "\n".join("# " + line for line in header)
+    if (config.get("searcher") or {}).get("name") == "adaptive_asha":
+        comment += "\n" + asha_plan(config["searcher"]).comment()
+    return config, comment
+
+
+def write(config: dict[str, Any], comment: str, output: Path) -> None:
+    from .state import write_text
+
+    text = comment + "\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+    write_text(output, text)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m nas_trial candidates",
+                                description="Build one retraining experiment over the best distinct genotypes "
+                                            "of several searches.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="genotype.json, checkpoint directory, run output directory or folder of downloaded checkpoints")
+    p.add_argument("--top", type=int, required=True, help="how many distinct genotypes to keep")
+    p.add_argument("--base", required=True, help="retraining experiment to copy (e.g. experiments/retrain-darts-asha.yaml)")
+    p.add_argument("--output", required=True, help="the YAML to write")
+    p.add_argument("--pick", choices=PICKS, default="best",
+                   help="best: rank every checkpoint by its validation accuracy (default); final: each run's last "
+                        "checkpoint only")
+    args = p.parse_args(argv)
+    try:
+        output = Path(args.output).expanduser()
+        if output.is_dir():
+            raise CandidatesError(f"--output {args.output} is a directory; name the YAML file to write")
+        if not output.parent.is_dir():
+            raise CandidatesError(f"--output {args.output}: folder {output.parent} does not exist")
+        base = _load_base(args.base)
+        found = collect(args.sources)
+        chosen = rank(found, args.top, args.pick)
+        config, comment = build(found, chosen, base, args.base, args.pick)
+        write(config, comment, output)
+    except CandidatesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(comment)
+    if len(chosen) < args.top:
+        print(f"# only {len(chosen)} distinct genotype(s) found, fewer than --top {args.top}")
+    print(f"wrote {output}")
+    print(f"run it: det experiment create {output} .")
+    return 0
