@@ -81,9 +81,24 @@ def _pointwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     return grad_x, grad_w
 
 
+def _strided_pointwise(device: torch.device, channels: int, weight: torch.Tensor, stride, padding) -> int:
+    """The stride of a few-channel 1x1 convolution on CPU with stride > 1 and no padding (else 0).
+    It runs as a stride-1 convolution of every stride-th pixel: the same sums, and it avoids
+    oneDNN's channels-last weight gradient for such convolutions, which corrupts the heap on
+    some x86 CPUs (seen on an AMD EPYC with 1-7 input channels)."""
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    if (device.type == "cpu" and channels <= SMALL_CHANNELS and weight.shape[-2:] == (1, 1) and sh == sw > 1
+            and _zeros(padding)):
+        return sh
+    return 0
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
     """``F.conv2d`` without bias, run in channels-last for few-channel NCHW inputs on CPU (the
-    output is NCHW again), grouped 1x1 convolutions there as matrix products."""
+    output is NCHW again), grouped 1x1 convolutions there as matrix products, few-channel
+    strided 1x1 convolutions there on the subsampled input."""
+    if x.dim() == 4 and (s := _strided_pointwise(x.device, x.shape[1], weight, stride, padding)):
+        return conv2d(x[:, :, ::s, ::s], weight, 1, 0, 1, groups)
     if _grouped_pointwise(x, weight, stride, padding, groups):
         return _pointwise(x, weight, groups)
     if _small_nchw(x):
@@ -93,7 +108,13 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=
 
 
 def conv2d_input(shape, weight: torch.Tensor, grad: torch.Tensor, stride, padding, dilation, groups) -> torch.Tensor:
-    """The input gradient of ``conv2d``, in the same layouts."""
+    """The input gradient of ``conv2d``, in the same layouts and in the gradient's dtype (under
+    autocast the forward ran in it; convolution kernels take one dtype)."""
+    weight = weight.to(grad.dtype)
+    if len(shape) == 4 and (s := _strided_pointwise(grad.device, shape[1], weight, stride, padding)):
+        out = grad.new_zeros(shape)
+        out[:, :, ::s, ::s] = conv2d_input((*shape[:2], *grad.shape[2:]), weight, grad, 1, 0, 1, groups)
+        return out
     if _grouped_pointwise(grad, weight, stride, padding, groups):
         return _pointwise_backward(grad, None, weight, groups, True, False)[0]
     if _small_nchw(grad):

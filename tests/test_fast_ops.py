@@ -191,3 +191,22 @@ def test_edge_pointwise_convolutions_match_grouped_conv(groups, weight_grad):
     wrt = (u, weight) if weight_grad else (u, w)
     for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 7, 16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("size", [8, 9])
+def test_strided_pointwise_conv_matches_native_in_float32(channels, layout, size):
+    """FactorizedReduce's stride-2 1x1 convolutions, with and without a weight gradient, at the
+    few-channel sizes whose channels-last weight gradient crashed oneDNN on an AMD EPYC."""
+    torch.manual_seed(0)
+    conv = Conv2d(channels, 4, 1, stride=2, bias=False)
+    x = torch.randn(16, channels, size, size).contiguous(memory_format=layout).requires_grad_()
+    g = torch.randn(16, 4, (size + 1) // 2, (size + 1) // 2)
+    mine = torch.autograd.grad(conv(x), (x, conv.weight), g)
+    xd, wd = x.detach().double().requires_grad_(), conv.weight.detach().double().requires_grad_()
+    native = torch.autograd.grad(F.conv2d(xd, wd, None, 2), (xd, wd), g.double())
+    assert all(torch.allclose(a.double(), b, atol=1e-4) for a, b in zip(mine, native))
+    conv.weight.requires_grad_(False)                            # the architecture step: input gradient only
+    (grad_x,) = torch.autograd.grad(conv(x), (x,), g)
+    assert torch.allclose(grad_x.double(), native[0], atol=1e-4)
