@@ -26,6 +26,7 @@ import optimizers
 import search_spaces
 from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data
 from nas_trial.config import PRECISIONS, RetrainConfig, SearchConfig
+from nas_trial.observe import Observer
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, epoch_length, write_json
 from optimizers.search import NonFiniteLossError, search_step
@@ -53,6 +54,7 @@ class _Trial(PyTorchTrial):
         self.last_checkpoint: Optional[str] = None
         self.progress = Progress(self.name, self.total_steps, enabled=self.rank == 0)
         self.seed = seed
+        self.observer = Observer(self)      # TensorBoard, history for the report, cost
 
     def _train_loader(self, dataset, num_workers: int) -> DataLoader:
         sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed,
@@ -79,6 +81,13 @@ class _Trial(PyTorchTrial):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def arch_snapshot(self) -> Optional[dict[str, Any]]:
+        """Architecture weights as plain lists (searches only)."""
+        return None
+
+    def current_genotype(self) -> str:
+        raise NotImplementedError
 
 
 class SearchTrial(_Trial):
@@ -111,7 +120,7 @@ class SearchTrial(_Trial):
             step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
-        return {"nas_state": TrialState(self, self.write_genotype)}
+        return {"nas_state": TrialState(self, self.write_genotype), "observe": self.observer}
 
     def build_training_data_loader(self) -> DataLoader:
         return self._train_loader(self.data.paired, self.data_cfg.num_workers)
@@ -130,7 +139,8 @@ class SearchTrial(_Trial):
         result = search_step(self.model, self.arch, x, y, xv, yv, bilevel=self.cfg.bilevel,
                              weight_backward=self.context.backward, weight_step=self._weight_step,
                              ddp_unused=self.arch.sampled and self.world > 1,
-                             autocast=PRECISIONS[self.cfg.precision])
+                             autocast=PRECISIONS[self.cfg.precision],
+                             update_arch=self.steps >= self.cfg.arch_warmup_epochs * self.epoch_len)
         self.steps += 1
         metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "lr": self.w_opt.param_groups[0]["lr"]}
         if result.arch_loss is not None:
@@ -154,6 +164,7 @@ class SearchTrial(_Trial):
             metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
         metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
         metrics["genotype"] = self.arch.genotype().to_str()
+        metrics.update(self.observer.cost.metrics(self.steps))
         self.last_validation_step = self.steps
         self.progress.validation(self.steps, metrics)
         return metrics
@@ -164,10 +175,20 @@ class SearchTrial(_Trial):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.arch.load_state_dict(state["arch"])
 
+    def current_genotype(self) -> str:
+        return self.arch.genotype().to_str()
+
+    def arch_snapshot(self) -> dict[str, Any]:
+        """Per cell type, the op weights (edges x ops) and, with edge normalization, the per-node
+        edge weights; for sampled methods (GDAS, random) the sampling probabilities."""
+        return {"space": self.supernet.space, "op_names": list(self.supernet.op_names), "sampled": self.arch.sampled,
+                "cells": {ct: {"ops": cw.ops.cpu().tolist(),
+                               "edges": [e.cpu().tolist() for e in cw.edges] if cw.edges is not None else None}
+                          for ct, cw in self.arch.probabilities().items()}}
+
     def write_genotype(self, checkpoint_dir: Path) -> None:
         """``genotype.json`` beside the checkpoint: what a retraining reads."""
         genotype = self.arch.genotype()
-        probs = self.arch.probabilities()
         info = det.get_cluster_info()
         run = (f"experiment {info.trial.experiment_id} trial {info.trial.trial_id}"
                if info is not None and info.task_type == "TRIAL" else str(checkpoint_dir.parent.parent))
@@ -175,9 +196,7 @@ class SearchTrial(_Trial):
             **genotype.to_json(), "step": self.steps, "epoch": self.steps / self.epoch_len,
             "optimizer": self.cfg.optimizer, "seed": self.cfg.seed, "op_names": list(self.supernet.op_names),
             "run": run, "validation_step": self.last_validation_step,
-            "arch_weights": {ct: {"ops": cw.ops.cpu().tolist(),
-                                  "edges": [e.cpu().tolist() for e in cw.edges] if cw.edges is not None else None}
-                             for ct, cw in probs.items()},
+            "arch_weights": self.arch_snapshot()["cells"], "cost": self.observer.cost.totals(self.steps),
             "metrics": {k: v for k, v in self.last_metrics.items()},
             "dataset": self.data_cfg.dataset})
 
@@ -212,7 +231,10 @@ class RetrainTrial(_Trial):
         self.test_loader = self._eval_loader(self.data.test, 0)
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
-        return {"nas_state": TrialState(self)}
+        return {"nas_state": TrialState(self), "observe": self.observer}
+
+    def current_genotype(self) -> str:
+        return self.genotype.to_str()
 
     def build_training_data_loader(self) -> DataLoader:
         return self._train_loader(self.data.train, self.data_cfg.num_workers)
@@ -248,7 +270,7 @@ class RetrainTrial(_Trial):
         test = self._evaluate(self.test_loader, forward)
         metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
                    "test_accuracy": test["accuracy"], **self.size, "genotype": self.genotype.to_str(),
-                   **self.candidate}
+                   **self.candidate, **self.observer.cost.metrics(self.steps)}
         self.progress.validation(self.steps, metrics)
         return metrics
 

@@ -11,7 +11,8 @@ export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 # torchvision and determined come with the image and are never installed here).
 _nas_missing=$(python3 - <<'PY'
 import importlib.util
-wanted = {"yaml": "pyyaml", "numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn"}
+wanted = {"yaml": "pyyaml", "numpy": "numpy", "PIL": "pillow", "sklearn": "scikit-learn",
+          "matplotlib": "matplotlib"}
 print(" ".join(pkg for mod, pkg in wanted.items() if importlib.util.find_spec(mod) is None))
 PY
 )

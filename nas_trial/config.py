@@ -42,6 +42,7 @@ class SearchConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0                    # weight-gradient norm clip (0 disables)
     epochs: int = 50
+    arch_warmup_epochs: int = 0               # epochs of weight training before the architecture moves (PC-DARTS: 15)
     seed: int = 0
     validate_every: int = 1                   # epochs between validations (cluster runs)
     checkpoint_every: int = 1                 # epochs between checkpoints (cluster runs)
@@ -67,6 +68,9 @@ class SearchConfig:
             from_mapping(optimizers.get(name).Settings, settings, f"architecture optimizer {name!r}")
         if self.global_batch_size < 1 or self.epochs < 1 or self.validate_every < 1 or self.checkpoint_every < 1:
             raise ValueError("global_batch_size, epochs, validate_every and checkpoint_every must be >= 1")
+        if not 0 <= self.arch_warmup_epochs < self.epochs:
+            raise ValueError(f"arch_warmup_epochs must be in [0, epochs) = [0, {self.epochs}), "
+                             f"got {self.arch_warmup_epochs}")
         if self.learning_rate <= 0 or self.min_learning_rate < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be > 0; min_learning_rate, grad_clip and weight_decay >= 0")
         if self.precision not in PRECISIONS:

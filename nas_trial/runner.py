@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHORT_SEARCH_STEPS = 1000   # below this many steps the report explains what a short search shows
 USAGE = "python model_def.py experiments/<x>.yaml [--set key=value ...] [--max-batches N] [--output DIR] [--resume DIR]"
 
 
@@ -132,6 +133,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable) -> int:
     import determined as det
     import torch
 
+    from .report import write_report
     from .state import checkpoint_batches
 
     config = apply_overrides(load_config(args.config), args.overrides)
@@ -161,6 +163,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable) -> int:
     with det.pytorch.init(hparams=hparams, exp_conf=config, distributed=distributed,
                           enable_tensorboard_logging=False) as context:
         trial = trial_class(hparams)(context)
+        trial.observer.run_dir = output          # TensorBoard event files under --output
         total = trial.total_steps if args.max_batches is None else args.max_batches
         remaining = total - done
         if remaining <= 0:
@@ -185,8 +188,13 @@ def run_local(args: argparse.Namespace, trial_class: Callable) -> int:
         if rank == 0:
             print(f"[{trial.name}] finished at batch {trial.steps}; last checkpoint: {trial.last_checkpoint}", flush=True)
             if trial.last_checkpoint and (Path(trial.last_checkpoint) / "genotype.json").exists():
-                print(f"[{trial.name}] genotype: {trial.arch.genotype().to_str()}", flush=True)
+                print(f"[{trial.name}] genotype: {trial.current_genotype()}", flush=True)
                 print(f"[{trial.name}] genotype.json: {Path(trial.last_checkpoint) / 'genotype.json'}", flush=True)
+            report = write_report(output, trial.name, trial.observer.history, trial.current_genotype(),
+                                  trial.observer.cost.totals(trial.steps), name,
+                                  short_search=trial.steps < SHORT_SEARCH_STEPS)
+            print(f"[{trial.name}] report: {report}  (TensorBoard: tensorboard --logdir {output / 'tensorboard'})",
+                  flush=True)
     return 0
 
 

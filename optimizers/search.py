@@ -98,7 +98,8 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
                 x_val: Optional[torch.Tensor] = None, y_val: Optional[torch.Tensor] = None, *,
                 weight_step: Callable[[], None], weight_backward: Callable[[torch.Tensor], None] = None,
                 bilevel: bool = True, criterion: Callable = F.cross_entropy,
-                ddp_unused: bool = False, autocast: Optional[torch.dtype] = None) -> StepResult:
+                ddp_unused: bool = False, autocast: Optional[torch.dtype] = None,
+                update_arch: bool = True) -> StepResult:
     """Run one search step.
 
     Args:
@@ -113,13 +114,15 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
             to get a gradient) and drop their zero gradients again, so the update is that of
             the single-process run.
         autocast: run the forward passes under ``torch.autocast`` in this dtype (``torch.bfloat16``).
+        update_arch: ``False`` trains the weights only (a warm-up: the architecture is used,
+            sampled methods still sample, but it is not updated and no held-out batch is run).
     """
     weight_backward = weight_backward or (lambda loss: loss.backward())
     amp = (lambda: torch.autocast(x_train.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
     supernet = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     arch_loss = None
 
-    if bilevel and arch.learns:
+    if bilevel and arch.learns and update_arch:
         if x_val is None or y_val is None:
             raise ValueError("bilevel search needs a held-out batch (x_val, y_val)")
         with amp():
@@ -132,7 +135,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         arch.zero_grad()
         arch_loss = arch_loss.detach()
 
-    single = not bilevel and arch.learns
+    single = not bilevel and arch.learns and update_arch
     weights = arch.weights(detach=not single)
     with amp():
         logits = model(x_train, weights)

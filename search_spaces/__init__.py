@@ -18,7 +18,7 @@ from torch import nn
 from .arch import CellWeights
 from .darts import DartsNetwork, DartsSupernet
 from .genotypes import (DartsGenotype, Genotype, GenotypeError, NB201Genotype, derive_darts, derive_nb201,
-                        get_genotype, load_genotype_file, parse_genotype, published_names, register_genotype)
+                        edge_names, get_genotype, load_genotype_file, parse_genotype, published_names, register_genotype)
 from .nb201 import NB201Network, NB201Supernet
 from .ops import DARTS_OPS, NB201_OPS, create_op, op_names, register_op
 from .profile import count_macs, count_parameters
@@ -70,7 +70,8 @@ register_space(SearchSpace("nas-bench-201", NB201_OPS, NB201Supernet, NB201Netwo
 __all__ = [
     "CellWeights", "DARTS_OPS", "NB201_OPS", "DartsGenotype", "DartsNetwork", "DartsSupernet", "Genotype",
     "GenotypeError", "NB201Genotype", "NB201Network", "NB201Supernet", "SearchSpace", "count_macs",
-    "count_parameters", "create", "create_network", "create_op", "derive_darts", "derive_nb201", "get_genotype",
+    "count_parameters", "create", "create_network", "create_op", "derive_darts", "derive_nb201", "edge_names",
+    "get_genotype",
     "get_space", "load_genotype_file", "op_names", "parse_genotype", "published_names", "register_genotype",
     "register_op", "register_space", "space_names",
 ]

@@ -1,9 +1,11 @@
 """Command line: ``python -m search_spaces describe GENOTYPE [--space ...] [--init-channels C]
-[--layers L] [--classes K]`` prints one JSON line describing the genotype's network."""
+[--layers L] [--classes K] [--plot cell.png|cell.svg]`` prints one JSON line describing the
+genotype's network and, with ``--plot``, draws its cells."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import GenotypeError, count_macs, count_parameters, create_network, parse_genotype, space_names
@@ -12,10 +14,15 @@ DEFAULTS = {"darts": {"C": 36, "layers": 20}, "nas-bench-201": {"C": 16, "layers
 
 
 def describe(args: argparse.Namespace) -> dict:
+    for flag, value in (("--init-channels", args.init_channels), ("--layers", args.layers), ("--classes", args.classes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg"):
+        raise ValueError(f"--plot {args.plot!r}: the file name must end in .png or .svg")
     genotype = parse_genotype(args.genotype, args.space)
     d = DEFAULTS[genotype.space]
-    C = args.init_channels or d["C"]
-    layers = args.layers or d["layers"]
+    C = args.init_channels if args.init_channels is not None else d["C"]
+    layers = args.layers if args.layers is not None else d["layers"]
     net = create_network(genotype, C=C, layers=layers, num_classes=args.classes,
                          auxiliary=genotype.space == "darts")
     params = count_parameters(net)
@@ -23,6 +30,15 @@ def describe(args: argparse.Namespace) -> dict:
             "classes": args.classes, "params": params, "params_millions": round(params / 1e6, 3),
             "params_with_auxiliary": count_parameters(net, include_auxiliary=True),
             "macs_32x32": count_macs(net, (1, 3, 32, 32))}
+
+
+def plot(genotype_spec: str, space: str | None, path: str) -> None:
+    from .plot import cell_figure, save
+
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--plot {path!r}: folder {parent} does not exist")
+    save(cell_figure(parse_genotype(genotype_spec, space)), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="cells (darts, default 20) or cells per stage (nas-bench-201, default 5)")
     p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--plot", default=None, metavar="FILE", help="draw the cells to FILE (.png or .svg)")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(describe(args)))
+        out = describe(args)
+        if args.plot:
+            plot(args.genotype, args.space, args.plot)
+            out["plot"] = os.path.abspath(args.plot)
+        print(json.dumps(out))
     except (GenotypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -286,6 +286,17 @@ def derive_nb201(op_weights: Any, op_names: Sequence[str] = NB201_OPS) -> NB201G
     return NB201Genotype(tuple(nodes))
 
 
+def edge_names(space: str, nodes: int = 4) -> tuple[str, ...]:
+    """``"dst<-src"`` for each row of a cell's op weights, in the supernet's edge order. DARTS
+    numbers the cell inputs 0, 1 and the intermediate nodes from 2 (as its genotypes do);
+    NAS-Bench-201 numbers the input 0 and the nodes 1..3."""
+    if space == "darts":
+        return tuple(f"{i}<-{j}" for i in range(2, nodes + 2) for j in range(i))
+    if space == "nas-bench-201":
+        return tuple(f"{i}<-{j}" for i in range(1, 4) for j in range(i))
+    raise GenotypeError(f"unknown search space {space!r}; valid: darts, nas-bench-201")
+
+
 # ------------------------------------------------------------------- published genotypes
 def _g(normal, reduce) -> DartsGenotype:
     return DartsGenotype(normal=tuple(normal), normal_concat=(2, 3, 4, 5), reduce=tuple(reduce),
