@@ -19,8 +19,9 @@ SHORT_SEARCH_NOTE = (
     "are already useful while the convolutions' weights are still close to their random start, so "
     "the architecture gradient first favours them. A short search (a few hundred steps, as the quick "
     "start's) stops there; the papers' searches run 50 epochs of about 100 steps at batch 256 or more, "
-    "by which time the convolutions have caught up. Read the trajectories below: the curves that rise "
-    "late are the trained ops catching up.")
+    "by which time the convolutions have caught up, and PC-DARTS trains the weights alone for the first "
+    "15 epochs (arch_warmup_epochs). Read the trajectories below: the curves that rise late are the "
+    "trained ops catching up.")
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:

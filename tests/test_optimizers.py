@@ -191,6 +191,25 @@ def test_every_optimizer_runs_three_search_steps(space, name, bilevel):
     assert type(g).from_str(g.to_str()) == g
 
 
+@pytest.mark.parametrize("name", ["gaea", "darts", "gdas"])
+@pytest.mark.parametrize("bilevel", [True, False])
+def test_warm_up_steps_train_the_weights_and_leave_the_architecture(name, bilevel):
+    net = small("darts")
+    arch = optimizers.create(name, net, seed=0)
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.05)
+    arch_before = [p.detach().clone() for p in net.arch_parameters()]
+    w_before = [p.detach().clone() for p in net.weight_parameters()]
+    x, y, xv, yv = _batches(seed=0)
+    r = search_step(net, arch, x, y, xv, yv, weight_step=lambda: (sgd.step(), sgd.zero_grad()), bilevel=bilevel,
+                    update_arch=False)
+    assert r.arch_loss is None and torch.isfinite(r.loss)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(arch_before, net.arch_parameters()))
+    assert all(p.grad is None for p in net.arch_parameters())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(w_before, net.weight_parameters()))
+    search_step(net, arch, x, y, xv, yv, weight_step=lambda: (sgd.step(), sgd.zero_grad()), bilevel=bilevel)
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(arch_before, net.arch_parameters()))
+
+
 def test_gdas_samples_one_op_per_edge_and_anneals_temperature():
     net = small("nas-bench-201")
     arch = optimizers.create("gdas", net, seed=0)
