@@ -24,7 +24,7 @@ from determined.pytorch import DataLoader, LRScheduler, PyTorchTrial, PyTorchTri
 
 import optimizers
 import search_spaces
-from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data
+from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data, sample_indices
 from nas_trial.config import PRECISIONS, RetrainConfig, SearchConfig
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
@@ -150,11 +150,11 @@ class SearchTrial(_Trial):
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         if isinstance(self.arch, optimizers.RandomSearch):
-            batches = []
-            for batch in data_loader:
-                batches.append(self.context.to_device(batch))
-                if len(batches) >= self.arch.settings.eval_batches:
-                    break
+            # A seeded sample of the held-out half, the same at every validation: the half is
+            # stored class by class, and its first batches would all be one class.
+            n = min(self.arch.settings.eval_batches * self.per_slot, len(self.data.heldout))
+            sample = torch.utils.data.Subset(self.data.heldout, sample_indices(len(self.data.heldout), n, self.seed))
+            batches = [self.context.to_device(b) for b in self._eval_loader(sample, 0)]
             results = self.arch.select(self.supernet, batches)
             best = self.arch.best
             metrics = {"val_loss": best["loss"], "val_accuracy": best["accuracy"], "candidates": len(results)}

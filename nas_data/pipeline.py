@@ -126,6 +126,12 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield (base + order[b * self.batch_size:(b + 1) * self.batch_size]).tolist()
 
 
+def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
+    """A seeded sample of ``size`` of range(n), in random order (datasets are stored class by
+    class: a prefix, or consecutive indices, would be one or two classes)."""
+    return np.random.default_rng(_mix(seed, 5)).permutation(n)[:size]
+
+
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded cut of range(n) into two parts, the first ``fraction`` of them."""
     order = np.random.default_rng(_mix(seed, 3)).permutation(n)

@@ -333,14 +333,22 @@ class RandomSearch(ArchitectureOptimizer):
 
     @torch.no_grad()
     def select(self, model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-               criterion: Callable = F.cross_entropy, generator: Optional[torch.Generator] = None) -> list[dict[str, Any]]:
-        """Score ``settings.candidates`` sampled architectures on held-out ``batches`` with the
-        shared weights (batch statistics, running statistics left untouched); keep the best."""
+               criterion: Callable = F.cross_entropy, generator: Optional[torch.Generator] = None,
+               architectures: Optional[Sequence[tuple[Weights, Any]]] = None) -> list[dict[str, Any]]:
+        """Score ``settings.candidates`` sampled architectures (or the given ``(weights,
+        genotype)`` pairs) on held-out ``batches`` with the shared weights; keep the best.
+
+        Batches should be a class-mixed sample (the trial draws a seeded one). Batch norm uses
+        each batch's statistics, running statistics left untouched: the supernet's running
+        statistics average over every architecture sampled in training and describe none of
+        the candidates, so eval-mode scores would rank candidates by how close their feature
+        statistics happen to be to that average."""
         generator = generator or torch.Generator().manual_seed(self.seed + 1)
+        if architectures is None:
+            architectures = [self.sample(generator) for _ in range(self.settings.candidates)]
         results = []
         with _frozen_batchnorm(model):
-            for _ in range(self.settings.candidates):
-                weights, genotype = self.sample(generator)
+            for weights, genotype in architectures:
                 correct = total = 0
                 loss = 0.0
                 for x, y in batches[: self.settings.eval_batches]:

@@ -288,3 +288,55 @@ def test_gaea_finds_planted_ops_and_gets_sparse_faster_than_darts(seed):
     # DARTS's even with a 300x larger Adam step
     assert darts_default["planted_weight_min"] < 0.9
     assert gaea["entropy"] < darts_fast["entropy"] < darts_default["entropy"]
+
+
+def _digits_tensors(split):
+    from nas_data import load
+    data = load("digits", None, split)
+    x = torch.tensor(data.images, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0 - 0.5   # (N, 3, 8, 8)
+    return x, torch.tensor(data.labels)
+
+
+def test_random_search_ranks_a_planted_trained_path_first():
+    """Only the planted path's weights were trained; scored on class-mixed held-out batches with
+    batch statistics, it must come first among 30 random candidates, clearly above the rest."""
+    torch.manual_seed(0)
+    net = search_spaces.create("nas-bench-201", C=8, layers=1)
+    rs = optimizers.create("random", net, {"candidates": 30, "eval_batches": 4}, seed=0)
+    conv = net.op_names.index("nor_conv_3x3")
+    planted_ops = torch.zeros(6, len(net.op_names))
+    planted_ops[:, conv] = 1.0
+    planted = {"normal": search_spaces.CellWeights(planted_ops, active=((conv,),) * 6)}
+    x, y = _digits_tensors("train")
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for step in range(150):
+        i = torch.randint(0, len(x), (64,))
+        loss = nn.functional.cross_entropy(net(x[i], planted), y[i])
+        sgd.zero_grad()
+        loss.backward()
+        sgd.step()
+    xt, yt = _digits_tensors("test")
+    order = torch.randperm(len(xt), generator=torch.Generator().manual_seed(1))[:256]
+    batches = [(xt[order[k:k + 64]], yt[order[k:k + 64]]) for k in range(0, 256, 64)]
+    candidates = [(planted, net.genotype(planted))] + [rs.sample() for _ in range(30)]
+    results = rs.select(net, batches, architectures=candidates)
+    accs = sorted((r["accuracy"] for r in results[1:]), reverse=True)
+    assert rs.best["genotype"] == net.genotype(planted)
+    # candidates share the trained convolutions on some edges, so the runner-up is close
+    assert results[0]["accuracy"] > 0.9 and results[0]["accuracy"] > accs[0] + 0.03, (results[0], accs[:3])
+    assert results[0]["accuracy"] > accs[len(accs) // 2] + 0.2
+
+
+def test_held_out_samples_mix_classes_where_prefixes_do_not():
+    """The search's held-out half keeps the stored class order (image folders are stored class
+    by class); the random-search selection draws a seeded sample of it instead of a prefix."""
+    from nas_data import DataConfig, build_search_data, sample_indices
+    from tests.conftest import require_cifar
+    data = build_search_data(DataConfig(dataset="image_folder", root=str(require_cifar()), subset=2000), seed=0)
+    heldout = data.heldout
+    labels = [heldout[i][1] for i in range(64)]
+    assert len(set(labels)) == 1                                   # the hazard: a prefix is one class
+    idx = sample_indices(len(heldout), 4 * 64, seed=0)
+    assert len(set(idx.tolist())) == 256 and list(idx) == list(sample_indices(len(heldout), 4 * 64, seed=0))
+    for k in range(4):
+        assert len({heldout[int(i)][1] for i in idx[k * 64:(k + 1) * 64]}) >= 8
