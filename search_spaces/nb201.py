@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .arch import CellWeights
@@ -58,7 +59,8 @@ class NB201SearchCell(nn.Module):
         self.edges = nn.ModuleList(MixedEdge(C, 1, op_names, pool_bn=False) for _ in range(N_EDGES))
 
     def forward(self, x: torch.Tensor, op_w: Sequence[Sequence[Weight]],
-                active: Sequence[Sequence[int]]) -> torch.Tensor:
+                active: Sequence[Sequence[int]], rest: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """``rest[i-1]``: a 0-d tensor added to node i (see ``NB201Supernet.forward``)."""
         nodes = [x]
         inputs = [EdgeInput(x)]
         e = 0
@@ -69,7 +71,8 @@ class NB201SearchCell(nn.Module):
                 if y is not None:
                     s = y if s is None else s + y
                 e += 1
-            nodes.append(torch.zeros_like(x) if s is None else s)
+            s = torch.zeros_like(x) if s is None else s
+            nodes.append(s if rest is None else s + rest[i - 1])
             inputs.append(EdgeInput(nodes[-1]))
         return nodes[-1]
 
@@ -116,14 +119,29 @@ class NB201Supernet(nn.Module):
         cw = (self.raw_weights() if weights is None else weights)["normal"]
         active = cw.resolve_active(self.none_index)
         rows, _ = unpack(cw)
+        rest = self._unsampled_weights(cw)
         h = self.stem(like_layout(x, self.stem[0].weight))
         for layer in self.layers:
-            h = layer(h, rows, active) if isinstance(layer, NB201SearchCell) else layer(h)
+            h = layer(h, rows, active, rest) if isinstance(layer, NB201SearchCell) else layer(h)
         h = self.global_pooling(self.lastact(h)).flatten(1)                         # (B, 4C)
         return self.classifier(h)                                                   # (B, classes)
 
     def genotype(self, weights: Mapping[str, CellWeights]) -> NB201Genotype:
         return derive_nb201(weights["normal"].ops, self.op_names)
+
+    @staticmethod
+    def _unsampled_weights(cw: CellWeights) -> Optional[list[torch.Tensor]]:
+        """With one sampled op per edge and weights that take a gradient (GDAS's straight-through
+        weights), per node the sum of the weights of the ops left out on its edges, as the
+        reference GDAS's NAS-Bench-201 cell adds them to the node: value zero (their
+        straight-through weights are ``0 - p + p``), gradient the sum of the node's upstream
+        gradient, so every op's logit learns at every step, not only the sampled one's."""
+        if cw.active is None or not cw.ops.requires_grad:
+            return None
+        picked = torch.tensor([a[0] for a in cw.active], device=cw.ops.device)
+        left_out = 1.0 - F.one_hot(picked, cw.ops.shape[1]).to(cw.ops.dtype)          # (edges, ops)
+        per_edge = (cw.ops * left_out).sum(-1)                                          # (edges,)
+        return [part.sum() for part in per_edge.split([i for i in range(1, N_NODES)])]
 
 
 class NB201Cell(nn.Module):

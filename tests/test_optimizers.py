@@ -340,3 +340,46 @@ def test_held_out_samples_mix_classes_where_prefixes_do_not():
     assert len(set(idx.tolist())) == 256 and list(idx) == list(sample_indices(len(heldout), 4 * 64, seed=0))
     for k in range(4):
         assert len({heldout[int(i)][1] for i in idx[k * 64:(k + 1) * 64]}) >= 8
+
+
+def _reference_gdas_nb201(net, x, cw):
+    """The reference GDAS forward on NAS-Bench-201 (D-X-Y's ``forward_gdas``), written out:
+    per edge ``w[argmax] * op_argmax(x) + sum_{k != argmax} w[k]``, nodes the sums of their edges."""
+    from search_spaces.nb201 import NB201SearchCell
+    h = net.stem(x)
+    for layer in net.layers:
+        if not isinstance(layer, NB201SearchCell):
+            h = layer(h)
+            continue
+        nodes, e = [h], 0
+        for i in range(1, 4):
+            terms = []
+            for j in range(i):
+                k = cw.active[e][0]
+                terms.append(sum(cw.ops[e, q] * layer.edges[e].ops[q](nodes[j]) if q == k else cw.ops[e, q]
+                                 for q in range(cw.ops.shape[1])))
+                e += 1
+            nodes.append(sum(terms))
+        h = nodes[-1]
+    return net.classifier(net.global_pooling(net.lastact(h)).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["gdas", "gaea_gdas"])
+def test_gdas_gradients_match_the_reference_formula_on_nas_bench_201(name):
+    torch.manual_seed(0)
+    net = search_spaces.create("nas-bench-201", C=4, layers=1).double()
+    arch = optimizers.create(name, net, seed=3)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    cw = arch.weights()["normal"]
+    assert len({a[0] for a in cw.active}) > 1
+    params = [*arch.parameters(), *net.weight_parameters()]
+    mine = torch.autograd.grad(nn.functional.cross_entropy(net(x, {"normal": cw}), y), params, allow_unused=True,
+                               materialize_grads=True, retain_graph=True)
+    ref_logits = _reference_gdas_nb201(net, x, cw)
+    torch.testing.assert_close(net(x, {"normal": cw}), ref_logits, rtol=1e-9, atol=1e-10)
+    theirs = torch.autograd.grad(nn.functional.cross_entropy(ref_logits, y), params, allow_unused=True,
+                                 materialize_grads=True)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    # every op's logit gets a gradient, not only the sampled ones'
+    assert (mine[0] != 0).all()

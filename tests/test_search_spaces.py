@@ -187,7 +187,7 @@ def test_pc_darts_cell_matches_the_published_formulation(reduction, train, sampl
         inputs = [op_w, *edge_w, *cell.parameters()]
         mine = torch.autograd.grad(out, inputs, g, allow_unused=True, materialize_grads=True)
         theirs = torch.autograd.grad(ref, inputs, g)
-        if sampled:  # ops not computed have no gradient (the reference's is that of a zero weight)
+        if sampled:  # ops not computed have no gradient, as in the GDAS reference's DARTS-space cell
             active = op_w.detach() != 0
             theirs = (torch.where(active, theirs[0], 0.0), *theirs[1:])
         for a, b in zip(mine, theirs):
