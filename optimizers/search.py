@@ -94,6 +94,11 @@ def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, 
     return supernet
 
 
+def _loss_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss in at least float32 (bf16 under autocast is raised; float64 stays)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Tensor, y_train: torch.Tensor,
                 x_val: Optional[torch.Tensor] = None, y_val: Optional[torch.Tensor] = None, *,
                 weight_step: Callable[[], None], weight_backward: Callable[[torch.Tensor], None] = None,
@@ -127,7 +132,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
             raise ValueError("bilevel search needs a held-out batch (x_val, y_val)")
         with amp():
             logits = functional_call(supernet, detached_weights(arch), (x_val, arch.weights()), strict=False)
-            arch_loss = criterion(logits.float(), y_val)
+            arch_loss = criterion(_loss_precision(logits), y_val)
         _check_finite(arch_loss, "architecture loss")
         torch.autograd.backward(arch_loss, inputs=arch.parameters())
         arch.sync_grads()
@@ -139,7 +144,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
     weights = arch.weights(detach=not single)
     with amp():
         logits = model(x_train, weights)
-        loss = criterion(logits.float(), y_train)
+        loss = criterion(_loss_precision(logits), y_train)
     _check_finite(loss, "training loss")
     unused = unreachable_parameters(loss, [p for _, p in arch.weight_named_parameters]) if ddp_unused else []
     weight_backward(_zero_touch(loss, unused))

@@ -383,3 +383,75 @@ def test_gdas_gradients_match_the_reference_formula_on_nas_bench_201(name):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
     # every op's logit gets a gradient, not only the sampled ones'
     assert (mine[0] != 0).all()
+
+
+# --------------------------------------------------- NAS-Bench-201 against a plain implementation
+def _plain_op(name, module, x):
+    """NAS-Bench-201's ops from their definitions, with the module's parameters only."""
+    if name == "none":
+        return torch.zeros_like(x)
+    if name == "skip_connect":
+        return x
+    if name == "avg_pool_3x3":
+        return nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    conv, bn = module[1], module[2]                    # nor_conv_*: ReLU, conv, batch norm (batch statistics)
+    y = nn.functional.conv2d(torch.relu(x), conv.weight, None, 1, conv.padding)
+    return nn.functional.batch_norm(y, None, None, training=True, eps=bn.eps)
+
+
+def _plain_supernet(net, x, w):
+    """The supernet with every cell computed edge by edge: node i = sum_j sum_k w[i<-j, k] op_k(node j)."""
+    from search_spaces.nb201 import NB201SearchCell
+    h = net.stem(x)
+    for layer in net.layers:
+        if not isinstance(layer, NB201SearchCell):
+            h = layer(h)
+            continue
+        nodes, e = [h], 0
+        for i in range(1, 4):
+            node = 0
+            for j in range(i):
+                node = node + sum(w[e, k] * _plain_op(name, layer.edges[e].ops[k], nodes[j])
+                                  for k, name in enumerate(net.op_names))
+                e += 1
+            nodes.append(node)
+        h = nodes[-1]
+    return net.classifier(net.global_pooling(net.lastact(h)).flatten(1))
+
+
+@pytest.mark.parametrize("bilevel", [True, False])
+def test_nas_bench_201_gaea_step_matches_a_plain_float64_implementation(bilevel):
+    """The supernet (fused kernels, channels-last, shared pooling) and one whole GAEA update
+    (architecture and weights) against the plain per-edge formulation with autograd gradients
+    and the exponentiated-gradient rule written by hand."""
+    torch.manual_seed(0)
+    net = optimizers.prepare_supernet(search_spaces.create("nas-bench-201", C=4, layers=1).double())
+    arch = optimizers.create("gaea", net, {"lr": 0.5}, seed=0)
+    with torch.no_grad():                              # a non-uniform start: every op weighted differently
+        theta = torch.rand(6, 5, dtype=torch.float64) + 0.05
+        net.alphas_normal.copy_(theta / theta.sum(-1, keepdim=True))
+    lr_w = 0.1
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=lr_w)
+    g = torch.Generator().manual_seed(1)
+    x, xv = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)
+    y, yv = torch.randint(0, 10, (8,), generator=g), torch.randint(0, 10, (8,), generator=g)
+    weights = list(net.weight_parameters())
+    theta0, w0 = net.alphas_normal.detach().clone(), [p.detach().clone() for p in weights]
+
+    # the plain formulation, by hand
+    theta_p = theta0.clone().requires_grad_()
+    a_x, a_y = (xv, yv) if bilevel else (x, y)
+    (g_theta,) = torch.autograd.grad(nn.functional.cross_entropy(_plain_supernet(net, a_x, theta_p), a_y), [theta_p])
+    theta1 = theta0 * torch.exp(-0.5 * g_theta)
+    theta1 = theta1 / theta1.sum(-1, keepdim=True)
+    w_theta = theta1 if bilevel else theta0            # bilevel: the weights step under the updated architecture
+    g_w = torch.autograd.grad(nn.functional.cross_entropy(_plain_supernet(net, x, w_theta), y), weights,
+                              allow_unused=True, materialize_grads=True)
+    w1 = [p - lr_w * gp for p, gp in zip(w0, g_w)]
+
+    # the project's step
+    torch.testing.assert_close(net(x, arch.weights()), _plain_supernet(net, x, theta0), rtol=1e-10, atol=1e-12)
+    search_step(net, arch, x, y, xv, yv, weight_step=lambda: (sgd.step(), sgd.zero_grad()), bilevel=bilevel)
+    torch.testing.assert_close(net.alphas_normal.detach(), theta1, rtol=1e-10, atol=1e-12)
+    for p, expected in zip(weights, w1):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-9, atol=1e-11)
