@@ -342,9 +342,9 @@ def test_held_out_samples_mix_classes_where_prefixes_do_not():
         assert len({heldout[int(i)][1] for i in idx[k * 64:(k + 1) * 64]}) >= 8
 
 
-def _reference_gdas_nb201(net, x, cw):
-    """The reference GDAS forward on NAS-Bench-201 (D-X-Y's ``forward_gdas``), written out:
-    per edge ``w[argmax] * op_argmax(x) + sum_{k != argmax} w[k]``, nodes the sums of their edges."""
+def _supernet_by_edges(net, x, edge):
+    """The NAS-Bench-201 supernet with each search cell written out: node i is the sum over
+    j < i of ``edge(cell, e, node_j)`` (e: the edge i<-j's index); the rest as the supernet's."""
     from search_spaces.nb201 import NB201SearchCell
     h = net.stem(x)
     for layer in net.layers:
@@ -353,15 +353,21 @@ def _reference_gdas_nb201(net, x, cw):
             continue
         nodes, e = [h], 0
         for i in range(1, 4):
-            terms = []
+            node = 0
             for j in range(i):
-                k = cw.active[e][0]
-                terms.append(sum(cw.ops[e, q] * layer.edges[e].ops[q](nodes[j]) if q == k else cw.ops[e, q]
-                                 for q in range(cw.ops.shape[1])))
+                node = node + edge(layer, e, nodes[j])
                 e += 1
-            nodes.append(sum(terms))
+            nodes.append(node)
         h = nodes[-1]
     return net.classifier(net.global_pooling(net.lastact(h)).flatten(1))
+
+
+def _reference_gdas_nb201(net, x, cw):
+    """The reference GDAS forward on NAS-Bench-201 (D-X-Y's ``forward_gdas``), written out:
+    per edge ``w[argmax] * op_argmax(x) + sum_{k != argmax} w[k]``."""
+    return _supernet_by_edges(net, x, lambda cell, e, h: sum(
+        cw.ops[e, q] * cell.edges[e].ops[q](h) if q == cw.active[e][0] else cw.ops[e, q]
+        for q in range(cw.ops.shape[1])))
 
 
 @pytest.mark.parametrize("name", ["gdas", "gaea_gdas"])
@@ -400,23 +406,9 @@ def _plain_op(name, module, x):
 
 
 def _plain_supernet(net, x, w):
-    """The supernet with every cell computed edge by edge: node i = sum_j sum_k w[i<-j, k] op_k(node j)."""
-    from search_spaces.nb201 import NB201SearchCell
-    h = net.stem(x)
-    for layer in net.layers:
-        if not isinstance(layer, NB201SearchCell):
-            h = layer(h)
-            continue
-        nodes, e = [h], 0
-        for i in range(1, 4):
-            node = 0
-            for j in range(i):
-                node = node + sum(w[e, k] * _plain_op(name, layer.edges[e].ops[k], nodes[j])
-                                  for k, name in enumerate(net.op_names))
-                e += 1
-            nodes.append(node)
-        h = nodes[-1]
-    return net.classifier(net.global_pooling(net.lastact(h)).flatten(1))
+    """The supernet edge by edge: edge i<-j = sum_k w[e, k] op_k(node j), ops as defined."""
+    return _supernet_by_edges(net, x, lambda cell, e, h: sum(
+        w[e, k] * _plain_op(name, cell.edges[e].ops[k], h) for k, name in enumerate(net.op_names)))
 
 
 @pytest.mark.parametrize("bilevel", [True, False])
