@@ -168,3 +168,30 @@ def test_retraining_report_and_tensorboard(tmp_path):
     links = report_links_exist(out / "report.html")
     assert set(links) == {"curves.png", "cell.png"}
     assert "The cell this run trains" in (out / "report.html").read_text()
+
+
+def test_on_a_cluster_the_pictures_go_through_determineds_writer(tmp_path, monkeypatch):
+    """On a cluster the observer writes into the trial context's TensorBoard writer (the one
+    Determined uploads for ``det tensorboard``), and leaves the metrics to Determined."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nas_trial import observe
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    context = SimpleNamespace(device=torch.device("cpu"), get_tensorboard_writer=lambda: writer)
+    arch = {"space": "nas-bench-201", "op_names": list(search_spaces.NB201_OPS), "sampled": False,
+            "cells": {"normal": {"ops": [[0.2] * 5] * 6, "edges": None}}}
+    trial = SimpleNamespace(per_slot=8, world=1, rank=0, context=context, steps=12, arch_snapshot=lambda: arch)
+    monkeypatch.setattr(observe.det, "get_cluster_info", lambda: SimpleNamespace(task_type="TRIAL"))
+    obs = observe.Observer(trial)
+    assert obs.on_cluster
+    obs.on_validation_start()
+    obs.on_validation_end({"val_accuracy": 0.5, "arch_entropy": 1.6, "genotype": NB201})
+    writer.flush()
+    acc = read_events(tmp_path / "tb")
+    scalars = set(acc.Tags()["scalars"])
+    assert "arch/normal/3<-2/avg_pool_3x3" in scalars and "arch/entropy" in scalars
+    assert not any(t.startswith("Determined/") for t in scalars)      # Determined writes those itself
+    assert [e.step for e in acc.Images("cell")] == [12] and [e.step for e in acc.Images("arch_weights/normal")] == [12]
