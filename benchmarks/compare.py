@@ -88,8 +88,9 @@ def _mean(values) -> str:
 
 def table(results: list[dict]) -> str:
     """Markdown: per method, final metrics (mean ± sd over seeds) and skip share by epoch."""
-    lines = ["| method | seeds | val acc (supernet) | entropy | skip share | pool share | skip share by epoch | s/run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | val acc (supernet) | entropy | skip share | pool share | none share | "
+             "skip share by epoch | s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method and r["returncode"] == 0]
         if not runs:
@@ -99,7 +100,8 @@ def table(results: list[dict]) -> str:
                             for e in range(n_epochs))
         lines.append(f"| {method} | {len(runs)} | {_mean(r['final_val_accuracy'] for r in runs)} | "
                      f"{_mean(r['final_entropy'] for r in runs)} | {_mean(r['final_skip_share'] for r in runs)} | "
-                     f"{_mean(r['final_pool_share'] for r in runs)} | {by_epoch} | "
+                     f"{_mean(r['final_pool_share'] for r in runs)} | "
+                     f"{_mean(r['epochs'][-1]['none_share'] for r in runs)} | {by_epoch} | "
                      f"{_mean(r['process_wall_s'] for r in runs)} |")
     return "\n".join(lines)
 
