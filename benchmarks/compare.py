@@ -2,7 +2,7 @@
 data, budget and seeds: ``experiments/ablation-nb201.yaml`` run locally, each method and seed
 in its own process, one JSON line per run.
 
-    python benchmarks/compare.py --preset cpu      # ~1 hour on 2 cores (NB201 C=8, 1 cell per stage)
+    python benchmarks/compare.py --preset cpu      # 43 minutes on 2 cores (NB201 C=8, 1 cell per stage)
     python benchmarks/compare.py --preset paper    # the ablation YAML as it is (a GPU's job)
 
 Each line holds, for every epoch (one validation and one checkpoint each), the genotype, the
