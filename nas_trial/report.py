@@ -116,7 +116,9 @@ def _trajectories(arch: Sequence[Mapping[str, Any]], cell_type: str, path: Path)
     what = "sampling probabilities" if last.get("sampled") else "op weights"
     fig.suptitle(f"{cell_type} cell: {what} of every edge over the search", y=0.99, fontsize=10)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=len(op_names), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    top = 1.0 - 1.0 / fig.get_figheight()                   # room for the title and legend, in inches
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.6 / fig.get_figheight(), top=top, hspace=0.4,
+                        wspace=0.12)                        # fixed margins: tight_layout took most of the time
     save(fig, path)
     return True
 

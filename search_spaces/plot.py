@@ -95,7 +95,7 @@ def cell_figure(genotype: Genotype) -> Figure:
         _draw_cell(ax, ["0", "1", "2", "3"], 1, cell_edges, [], "NAS-Bench-201 cell (node 0: input, node 3: output)")
     else:
         raise TypeError(f"cannot draw {type(genotype).__name__}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.94, hspace=0.12)
     return fig
 
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from nas_trial import asha
 from nas_trial.candidates import CandidatesError, build, collect, rank

@@ -87,7 +87,7 @@ def report_links_exist(report: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_search_writes_tensorboard_report_and_cost(tmp_path):
-    """PC-DARTS (edge weights) on the real CIFAR-10 JPEGs: event files, report, cost."""
+    """PC-DARTS (edge weights) on the real CIFAR-10 JPEGs: genotype.json, event files, report, cost."""
     root = require_cifar()
     cfg = write_config(tmp_path / "exp.yaml",
                        {"global_batch_size": 16, "space": "darts", "optimizer": "gaea", "epochs": 2,
@@ -105,8 +105,18 @@ def test_search_writes_tensorboard_report_and_cost(tmp_path):
                 assert tag in scalars and [e.step for e in acc.Scalars(tag)] == [3, 6], tag
             assert f"arch_edge/{ct}/{edge}" in scalars
         assert [e.step for e in acc.Images(f"arch_weights/{ct}")] == [3, 6]
-    # the values are the architecture weights the checkpoint holds (GAEA: rows on the simplex)
-    final = json.loads((checkpoints(out)[6] / "genotype.json").read_text())
+    # genotype.json, what a retraining reads (local runs checkpoint after every validation too)
+    ckpts = checkpoints(out)
+    assert max(ckpts) == 6 and "genotype.json:" in proc.stdout and "validation at step 3" in proc.stdout
+    final = json.loads((ckpts[6] / "genotype.json").read_text())
+    assert final["genotype"] == parse_genotype(str(ckpts[6] / "genotype.json"), space="darts").to_str()
+    assert final["step"] == 6 and 0.0 <= final["metrics"]["val_accuracy"] <= 1.0
+    assert set(final["metrics"]) >= {"val_loss", "val_accuracy", "arch_entropy", "arch_max_weight", "genotype"}
+    for ct in ("normal", "reduce"):
+        ops = np.array(final["arch_weights"][ct]["ops"])
+        assert ops.shape == (14, 8) and np.allclose(ops.sum(-1), 1, atol=1e-5)
+        assert [len(e) for e in final["arch_weights"][ct]["edges"]] == [2, 3, 4, 5]
+    # the event files hold the architecture weights the checkpoint holds (GAEA: rows on the simplex)
     row = [acc.Scalars(f"arch/normal/3<-1/{op}")[-1].value for op in search_spaces.DARTS_OPS]
     assert np.allclose(row, final["arch_weights"]["normal"]["ops"][3], atol=1e-6) and abs(sum(row) - 1) < 1e-5
     assert {"arch/entropy", "arch/max_weight", "Determined/loss", "Determined/val_accuracy"} <= scalars
