@@ -138,7 +138,9 @@ class NB201Supernet(nn.Module):
         gradient, so every op's logit learns at every step, not only the sampled one's."""
         if cw.active is None or not cw.ops.requires_grad:
             return None
-        picked = torch.tensor([a[0] for a in cw.active], device=cw.ops.device)
+        # the sampled op is where a row's value is 1 (the others are 0 - p + p): found on the
+        # device, with no host-to-device copy of ``active`` in the step
+        picked = cw.ops.detach().argmax(-1)                                             # (edges,)
         left_out = 1.0 - F.one_hot(picked, cw.ops.shape[1]).to(cw.ops.dtype)          # (edges, ops)
         per_edge = (cw.ops * left_out).sum(-1)                                          # (edges,)
         return [part.sum() for part in per_edge.split([i for i in range(1, N_NODES)])]
