@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from optimizers.settings import from_mapping
+from nas_settings import from_mapping
 
 from .pipeline import Augment, ImageDataset, PairedDataset, split_indices, subset_indices
 from .sources import DataError, ImageSet, load, stats_for

@@ -10,7 +10,7 @@ import torch
 
 import optimizers
 import search_spaces
-from optimizers.settings import from_mapping
+from nas_settings import from_mapping
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 

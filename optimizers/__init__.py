@@ -12,11 +12,11 @@ from .architecture import (ArchitectureOptimizer, Darts, Gaea, GaeaGdas, Gdas, R
                            get, names, register)
 from .eg import ExponentiatedGradient
 from .search import NonFiniteLossError, StepResult, prepare_supernet, search_step
-from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings, from_mapping
+from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings
 
 __all__ = [
     "ArchitectureOptimizer", "Darts", "DartsSettings", "ExponentiatedGradient", "Gaea", "GaeaGdas",
     "GaeaGdasSettings", "GaeaSettings", "Gdas", "GdasSettings", "NonFiniteLossError", "RandomSearch",
-    "RandomSettings", "StepResult", "create", "entropy_stats", "from_mapping", "get", "names", "prepare_supernet",
+    "RandomSettings", "StepResult", "create", "entropy_stats", "get", "names", "prepare_supernet",
     "register", "search_step",
 ]

@@ -28,8 +28,9 @@ from search_spaces import CellWeights
 from search_spaces.genotypes import DartsGenotype, NB201Genotype
 
 from .eg import ExponentiatedGradient
-from .settings import (DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings,
-                       from_mapping)
+from nas_settings import from_mapping
+
+from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings
 
 Weights = dict[str, CellWeights]
 
