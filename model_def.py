@@ -12,7 +12,6 @@ experiment's entrypoint). Local, no cluster: ``python model_def.py experiments/<
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -26,18 +25,22 @@ import optimizers
 import search_spaces
 from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data, sample_indices
 from nas_trial.config import PRECISIONS, RetrainConfig, SearchConfig
+from nas_trial.faults import Faults
+from nas_trial.health import Health
+from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
-from nas_trial.state import TrialState, epoch_length, write_json
-from optimizers.search import NonFiniteLossError, search_step
+from nas_trial.state import TrialState, epoch_length, resume_settings, write_json
+from optimizers.search import search_step
 
 
 class _Trial(PyTorchTrial):
-    """What both trials share: step counter, resumable training loader, progress lines."""
+    """What both trials share: step counter, resumable training loader, progress lines,
+    divergence checks, clean interrupts."""
 
     name = "trial"
 
-    def _setup(self, context: PyTorchTrialContext, seed: int, epochs: int, n_train: int) -> None:
+    def _setup(self, context: PyTorchTrialContext, seed: int, epochs: int, n_train: int, advice: str) -> None:
         self.context = context
         self.rank, self.world = context.distributed.get_rank(), context.distributed.get_size()
         self.per_slot = context.get_per_slot_batch_size()
@@ -48,22 +51,45 @@ class _Trial(PyTorchTrial):
         self.epoch_len = epoch_length(self.batches_per_epoch, self.world)     # per rank, as Determined counts
         self.total_steps = epochs * self.epoch_len
         self.steps = 0                # batches trained (restored from checkpoints)
-        self.start_batch = 0          # set by TrialState on a local resume
         self.last_metrics: dict[str, Any] = {}
         self.last_validation_step: Optional[int] = None     # the step last_metrics were measured at
         self.last_checkpoint: Optional[str] = None
         self.progress = Progress(self.name, self.total_steps, enabled=self.rank == 0)
         self.seed = seed
         self.observer = Observer(self)      # TensorBoard, history for the report, cost
+        self.faults = Faults()              # NAS_FAULT_KILL (kill tests)
+        self.health = Health(self, advice)
+        self.settings = resume_settings(context.get_hparams(), context.get_data_config())
+
+    def _callbacks(self, write_files=None) -> dict[str, det.pytorch.PyTorchCallback]:
+        callbacks = {"nas_state": TrialState(self, self.settings, write_files), "observe": self.observer,
+                     "health": self.health}
+        if self.world > 1:
+            callbacks["interrupt"] = StopOnInterrupt(self.context)
+        return callbacks
+
+    def _begin_step(self) -> None:
+        """Before a training step: a local interrupt stops here, between steps (single process;
+        under torchrun the ranks agree at the next reporting boundary)."""
+        if INTERRUPT.requested and self.world == 1:
+            raise det.pytorch._ShouldExit()
+
+    def _end_step(self, finite: torch.Tensor, what: str, metrics: dict[str, Any]) -> None:
+        self.steps += 1
+        self.health.record(self.steps, what, finite)
+        self.progress.step(self.steps, metrics)
+        self.faults.hit("step", self.steps)
 
     def _train_loader(self, dataset, num_workers: int) -> DataLoader:
-        sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed,
-                                    start_batch=self.start_batch * self.world)
+        sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_workers)
 
     def _eval_loader(self, dataset, num_workers: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.per_slot, shuffle=False, num_workers=num_workers)
+        # its own generator: a new iterator draws its worker seed from it, not from the global
+        # RNG that training uses (drop path), which would then depend on how often one validated
+        return DataLoader(dataset, batch_size=self.per_slot, shuffle=False, num_workers=num_workers,
+                          generator=torch.Generator())
 
     def _evaluate(self, loader, forward) -> dict[str, float]:
         loss, correct, total = 0.0, 0, 0
@@ -97,7 +123,9 @@ class SearchTrial(_Trial):
         cfg = self.cfg = SearchConfig.from_hparams(context.get_hparams())
         self.data_cfg = DataConfig.from_mapping(context.get_data_config())
         self.data = build_search_data(self.data_cfg, cfg.seed)
-        self._setup(context, cfg.seed, cfg.epochs, len(self.data.paired))
+        self._setup(context, cfg.seed, cfg.epochs, len(self.data.paired),
+                    advice=f"lower learning_rate (now {cfg.learning_rate}) or the architecture optimizer's lr, "
+                           "or set grad_clip")
         torch.manual_seed(cfg.seed)
         supernet = search_spaces.create(cfg.space, num_classes=self.data.num_classes, **cfg.space_args)
         if self.world > 1:
@@ -120,7 +148,7 @@ class SearchTrial(_Trial):
             step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
-        return {"nas_state": TrialState(self, self.write_genotype), "observe": self.observer}
+        return self._callbacks(self.write_genotype)
 
     def build_training_data_loader(self) -> DataLoader:
         return self._train_loader(self.data.paired, self.data_cfg.num_workers)
@@ -134,18 +162,19 @@ class SearchTrial(_Trial):
             self.w_opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        self._begin_step()
         x, y, xv, yv = batch
         self.arch.set_progress(self.steps / max(self.total_steps - 1, 1))
         result = search_step(self.model, self.arch, x, y, xv, yv, bilevel=self.cfg.bilevel,
                              weight_backward=self.context.backward, weight_step=self._weight_step,
                              ddp_unused=self.arch.sampled and self.world > 1,
                              autocast=PRECISIONS[self.cfg.precision],
-                             update_arch=self.steps >= self.cfg.arch_warmup_epochs * self.epoch_len)
-        self.steps += 1
+                             update_arch=self.steps >= self.cfg.arch_warmup_epochs * self.epoch_len,
+                             check_finite=False)
         metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "lr": self.w_opt.param_groups[0]["lr"]}
         if result.arch_loss is not None:
             metrics["arch_loss"] = result.arch_loss
-        self.progress.step(self.steps, metrics)
+        self._end_step(result.finite, "the training loss, the architecture loss or an architecture gradient", metrics)
         return metrics
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
@@ -162,6 +191,7 @@ class SearchTrial(_Trial):
             weights = self.arch.probabilities()
             m = self._evaluate(data_loader, lambda x: self.supernet(x, weights))
             metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+        self.health.check_validation(metrics["val_loss"])
         metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
         metrics["genotype"] = self.arch.genotype().to_str()
         metrics.update(self.observer.cost.metrics(self.steps))
@@ -210,12 +240,16 @@ class RetrainTrial(_Trial):
         cfg = self.cfg = raw.resolve(self.genotype.space)
         self.data_cfg = DataConfig.from_mapping(context.get_data_config())
         self.data = build_retrain_data(self.data_cfg, cfg.seed, cutout=cfg.cutout)
-        self._setup(context, cfg.seed, cfg.epochs, len(self.data.train))
+        self._setup(context, cfg.seed, cfg.epochs, len(self.data.train),
+                    advice=f"lower learning_rate (now {cfg.learning_rate}) or set grad_clip")
         torch.manual_seed(cfg.seed)
         net = search_spaces.create_network(self.genotype, C=cfg.init_channels, layers=cfg.layers,
                                            num_classes=self.data.num_classes, auxiliary=cfg.auxiliary,
                                            variant=cfg.variant)
         c, h, w = self.data.image_shape
+        if self.genotype.space == "darts" and cfg.auxiliary and cfg.variant == "cifar" and -(-min(h, w) // 4) < 5:
+            raise ValueError(f"auxiliary: the auxiliary head pools 5x5 windows from features a quarter of the image "
+                             f"size, and these images are {h}x{w}; set auxiliary: false (images under 17 px)")
         self.candidate = cfg.candidate_metrics(self.genotype)
         self.size = {"params": search_spaces.count_parameters(net),
                      "params_with_auxiliary": search_spaces.count_parameters(net, include_auxiliary=True),
@@ -231,7 +265,7 @@ class RetrainTrial(_Trial):
         self.test_loader = self._eval_loader(self.data.test, 0)
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
-        return {"nas_state": TrialState(self), "observe": self.observer}
+        return self._callbacks()
 
     def current_genotype(self) -> str:
         return self.genotype.to_str()
@@ -243,6 +277,7 @@ class RetrainTrial(_Trial):
         return self._eval_loader(self.data.val, self.data_cfg.num_workers)
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
+        self._begin_step()
         cfg = self.cfg
         x, y = batch
         # drop path ramps linearly from 0 over the run (by our own step count: resume-safe)
@@ -251,22 +286,19 @@ class RetrainTrial(_Trial):
         loss = F.cross_entropy(logits, y)
         if aux is not None and cfg.auxiliary_weight:
             loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss is {loss.item()} at step {self.steps + 1}: stopping before the "
-                                     "update so no bad checkpoint is written; lower the learning rate")
         self.context.backward(loss)
         clip = cfg.grad_clip
         self.context.step_optimizer(
             self.opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)
-        self.steps += 1
         metrics = {"loss": loss.detach(), "train_accuracy": (logits.argmax(-1) == y).float().mean(),
                    "lr": self.opt.param_groups[0]["lr"], "drop_path_prob": self.net.drop_path_prob}
-        self.progress.step(self.steps, metrics)
+        self._end_step(torch.isfinite(loss.detach()), "the training loss", metrics)
         return metrics
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         forward = lambda x: self.net(x)[0]  # noqa: E731
         val = self._evaluate(data_loader, forward)
+        self.health.check_validation(val["loss"])
         test = self._evaluate(self.test_loader, forward)
         metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
                    "test_accuracy": test["accuracy"], **self.size, "genotype": self.genotype.to_str(),

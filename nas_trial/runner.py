@@ -1,17 +1,21 @@
-"""Run a trial locally through Determined's Trainer API (CPU or GPU, one process or
+"""Run a trial locally through Determined's trial controller (CPU or GPU, one process or
 ``torchrun``), or on a cluster as the experiment's entrypoint.
 
-Local runs resume exactly: the trial's sampler skips the batches a checkpoint had trained
-(Determined 0.38 restarts its counter at 0 off-cluster), and the reporting period is chosen
-to divide the remaining batches, so training stops at exactly the requested total.
+Local runs resume as a cluster does: Determined 0.38's ``Trainer.fit`` restarts its batch
+counter at 0 off-cluster, so the local runner builds the same controller ``fit`` builds with
+the checkpoint's batch count as ``steps_completed``. Data position, epoch boundaries (LR
+schedule), validation and checkpoint points then count from the start of the run, and a run
+resumed at any batch ends bitwise equal to the uninterrupted one on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import re
+import shlex
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +23,13 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from .health import Divergence
+from .interrupt import INTERRUPT
+from .state import CheckpointError, check_compatible, complete_checkpoints, find_checkpoint, read_progress
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REPORT_EVERY = 10           # batches between reporting boundaries: divergence checks, interrupts under torchrun
+INTERRUPT_GRACE_S = 50.0    # after SIGINT/SIGTERM, exit with one line if no checkpoint was written by then
 SHORT_SEARCH_STEPS = 1000   # below this many steps the report explains what a short search shows
 USAGE = "python model_def.py experiments/<x>.yaml [--set key=value ...] [--max-batches N] [--output DIR] [--resume DIR]"
 
@@ -68,8 +78,17 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {key}: {part!r} is not a mapping")
-        node[path[-1]] = yaml.load(raw, Loader=_Yaml11Loader)
+        node[path[-1]] = _yaml_value(raw)
     return config
+
+
+def _yaml_value(raw: str) -> Any:
+    """A ``--set`` value read as YAML; text YAML cannot read (``|nor_conv_3x3~0|+...``, an
+    unbalanced bracket) is taken as the string it is, and the setting's own check judges it."""
+    try:
+        return yaml.load(raw, Loader=_Yaml11Loader)
+    except yaml.YAMLError:
+        return raw
 
 
 def pick_hparams(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,18 +119,37 @@ def pick_hparams(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python model_def.py", usage=USAGE,
+    p = _ArgumentParser(prog="python model_def.py", usage=USAGE,
                                 description="Run a search or retraining locally through Determined's Trainer API.")
     p.add_argument("config", help="experiment YAML (experiments/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter (or data.x, searcher.x, ...); repeatable")
-    p.add_argument("--max-batches", type=int, default=None,
+    p.add_argument("--max-batches", type=_positive, default=None,
                    help="stop after this many batches in total (a resumed run continues to the same total)")
     p.add_argument("--output", default=None, help="directory for checkpoints (default ~/nas-runs/<name>-<time>)")
-    p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
-    p.add_argument("--validate-every", type=int, default=None, help="batches between validations (default: per epoch)")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="batches between checkpoints")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint directory, or a run's --output directory (its newest complete checkpoint)")
+    p.add_argument("--validate-every", type=_positive, default=None,
+                   help="batches between validations (default: per epoch)")
+    p.add_argument("--checkpoint-every", type=_positive, default=None, help="batches between checkpoints")
     return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and exit 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(f"{message} (usage: {USAGE})")
 
 
 def _init_distributed():
@@ -129,25 +167,84 @@ def _init_distributed():
     return det.core.DistributedContext.from_torch_distributed()
 
 
-def run_local(args: argparse.Namespace, trial_class: Callable) -> int:
+def _output_dir(args: argparse.Namespace, name: str) -> Path:
+    output = Path(args.output or Path.home() / "nas-runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output = output.expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {args.output}: is a file; give a directory (it is created if missing)")
+    return output
+
+
+def _resume_command(argv: list[str], output: Path) -> str:
+    """The command line that continues this run from its newest complete checkpoint."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--resume", "--output"):
+            skip = True
+        elif not a.startswith(("--resume=", "--output=")):
+            kept.append(a)
+    return shlex.join(["python", "model_def.py", *kept, "--output", str(output), "--resume", str(output)])
+
+
+def _check_state_matches(state: Mapping[str, Any], models: list, checkpoint: Path) -> None:
+    """The checkpoint's model state has this run's parameter names and shapes (else one line)."""
+    saved = state.get("models_state_dict") if isinstance(state, Mapping) else None
+    if not isinstance(saved, list) or len(saved) != len(models):
+        raise CheckpointError(f"--resume {checkpoint}: state_dict.pth is not a checkpoint of this kind of run")
+    for saved_sd, model in zip(saved, models):
+        ours = {k.removeprefix("module."): v for k, v in model.state_dict().items()}
+        theirs = {k.removeprefix("module."): v for k, v in saved_sd.items()}
+        for key in sorted(set(ours) | set(theirs)):
+            a, b = theirs.get(key), ours.get(key)
+            if a is None or b is None or tuple(a.shape) != tuple(b.shape):
+                what = lambda t: "absent" if t is None else f"shape {tuple(t.shape)}"  # noqa: E731
+                raise CheckpointError(f"--resume {checkpoint}: {key} is {what(a)} in the checkpoint but {what(b)} "
+                                      "in this run; resume with the settings the checkpoint was written with")
+
+
+def _load_checkpoint_state(checkpoint: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(checkpoint / "state_dict.pth", map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, zero bytes, not a torch file: all one line
+        raise CheckpointError(f"--resume {checkpoint}: state_dict.pth cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'empty'}); resume from an earlier "
+                              "checkpoint or the run directory") from None
+
+
+def _remove_incomplete(storage: Path, since_ns: int) -> None:
+    """Checkpoint directories this run began but did not finish (a stop inside a checkpoint)."""
+    for d in storage.iterdir() if storage.is_dir() else []:
+        if d.is_dir() and read_progress(d) is None and d.stat().st_mtime_ns >= since_ns:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) -> int:
     import determined as det
     import torch
 
     from .report import write_report
-    from .state import checkpoint_batches
 
     config = apply_overrides(load_config(args.config), args.overrides)
     data = config.get("data") or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"the data section of {args.config} must be a mapping, got {data!r}")
     for key in ("root", "cache_dir"):  # paths given on the command line are relative to the caller's cwd
         if any(o.startswith(f"data.{key}=") for o in args.overrides) and data.get(key):
             data[key] = str(Path(data[key]).expanduser().resolve())
     hparams = pick_hparams(config["hyperparameters"])
     name = config.get("name") or Path(args.config).stem
-    output = Path(args.output or Path.home() / "nas-runs" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    output = output.expanduser().resolve()
-    latest = str(Path(args.resume).expanduser().resolve()) if args.resume else None
-    done = checkpoint_batches(latest) if latest else 0
-    output.mkdir(parents=True, exist_ok=True)
+    output = _output_dir(args, name)
+    latest, progress, note = find_checkpoint(args.resume) if args.resume else (None, None, None)
+    done = progress["batches_trained"] if progress else 0
+    if args.max_batches is not None and args.max_batches < done:
+        raise ValueError(f"--max-batches {args.max_batches}: the checkpoint has already trained {done} batches; "
+                         f"ask for more than {done}")
+    saved_state = _load_checkpoint_state(latest) if latest else None
+    storage = output / "determined"
     # Determined keeps local checkpoints under $XDG_DATA_HOME/determined: put them in --output.
     os.environ["XDG_DATA_HOME"] = str(output)
     # Run from the project root, as on a cluster: relative data paths resolve from there, and
@@ -158,33 +255,58 @@ def run_local(args: argparse.Namespace, trial_class: Callable) -> int:
     rank = distributed.get_rank() if distributed else 0
     if distributed and not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // distributed.get_size()))
+    started_ns = time.time_ns()
 
-    # Tensorboard off locally: Determined would write it to ./runs (metrics are printed instead).
+    # Tensorboard off locally: Determined would write it to ./runs (the Observer writes under --output).
     with det.pytorch.init(hparams=hparams, exp_conf=config, distributed=distributed,
                           enable_tensorboard_logging=False) as context:
         trial = trial_class(hparams)(context)
-        trial.observer.run_dir = output          # TensorBoard event files under --output
+        trial.settings["slots"] = trial.world
+        if latest:
+            check_compatible(progress, trial.settings, latest)
+            _check_state_matches(saved_state, context.models, latest)
+        del saved_state
         total = trial.total_steps if args.max_batches is None else args.max_batches
-        remaining = total - done
-        if remaining <= 0:
-            print(f"nothing to do: the checkpoint already has {done} of {total} batches", flush=True)
+        if total <= done:
+            if rank == 0:
+                print(f"nothing to do: the checkpoint already has {done} of {total} batches", flush=True)
             return 0
+        # Everything is checked: from here on the run writes under --output.
+        storage.mkdir(parents=True, exist_ok=True)
+        trial.observer.run_dir = output          # TensorBoard event files under --output
         trial.progress.total = total
         epoch_len = trial.epoch_len
         validate = args.validate_every or epoch_len * trial.cfg.validate_every
         ckpt = args.checkpoint_every or epoch_len * trial.cfg.checkpoint_every
         if rank == 0:
+            if note:
+                print(f"[{trial.name}] resuming from the {note}", flush=True)
             print(f"[{trial.name}] {type(trial).__name__}: {total} batches ({epoch_len} per epoch, "
-                  f"{trial.per_slot} per slot x {trial.world} slot(s)); checkpoints under {output}"
+                  f"{trial.per_slot} per slot x {trial.world} slot(s)); checkpoints under {storage}"
                   + (f"; resuming at batch {done}" if done else ""), flush=True)
             print(f"[{trial.name}] hyperparameters: {hparams}", flush=True)
-        det.pytorch.Trainer(trial, context).fit(
-            max_length=det.pytorch.Batch(total),
-            # a period dividing the remaining batches makes the loop stop at exactly `total`
-            reporting_period=det.pytorch.Batch(math.gcd(remaining, 50)),
-            validation_period=det.pytorch.Batch(validate),
-            checkpoint_period=det.pytorch.Batch(ckpt),
-            latest_checkpoint=latest)
+        context._steps_completed = done
+        controller = det.pytorch._PyTorchTrialController(
+            trial_inst=trial, context=context, checkpoint_period=det.pytorch.Batch(ckpt),
+            validation_period=det.pytorch.Batch(validate), reporting_period=det.pytorch.Batch(REPORT_EVERY),
+            smaller_is_better=True, steps_completed=done, latest_checkpoint=str(latest) if latest else None,
+            local_training=True, test_mode=False, searcher_metric_name=None, checkpoint_policy="all",
+            step_zero_validation=False, max_length=det.pytorch.Batch(total), global_batch_size=None,
+            profiling_enabled=False)
+        INTERRUPT.install(grace_s=INTERRUPT_GRACE_S, on_timeout=lambda: _last_good(storage, argv, output))
+        try:
+            controller.run()
+        except (Divergence, CheckpointError):
+            _remove_incomplete(storage, started_ns)
+            raise
+        finally:
+            INTERRUPT.uninstall()
+        if INTERRUPT.requested:
+            if rank == 0:
+                print(f"error: stopped by {signal.Signals(INTERRUPT.signum).name} at batch {trial.steps}; checkpoint "
+                      f"{trial.last_checkpoint}; continue with: {_resume_command(argv, output)}",
+                      file=sys.stderr, flush=True)
+            return INTERRUPT.exit_code
         if rank == 0:
             print(f"[{trial.name}] finished at batch {trial.steps}; last checkpoint: {trial.last_checkpoint}", flush=True)
             if trial.last_checkpoint and (Path(trial.last_checkpoint) / "genotype.json").exists():
@@ -196,6 +318,14 @@ def run_local(args: argparse.Namespace, trial_class: Callable) -> int:
             print(f"[{trial.name}] report: {report}  (TensorBoard: tensorboard --logdir {output / 'tensorboard'})",
                   flush=True)
     return 0
+
+
+def _last_good(storage: Path, argv: list[str], output: Path) -> str:
+    found = complete_checkpoints(storage)
+    if not found:
+        return "No complete checkpoint was written."
+    return f"The last complete checkpoint is {found[-1][1]} (batch {found[-1][0]}); continue with: " \
+           f"{_resume_command(argv, output)}"
 
 
 def run_cluster(info: Any, trial_class: Callable) -> int:
@@ -225,12 +355,33 @@ def main(argv: list[str], trial_class: Callable) -> int:
     from search_spaces import GenotypeError
 
     info = det.get_cluster_info()
+    if info is not None and info.task_type == "TRIAL":
+        return run_cluster(info, trial_class)
     try:
-        if info is not None and info.task_type == "TRIAL":
-            return run_cluster(info, trial_class)
-        return run_local(_parse(argv), trial_class)
-    except (ValueError, TypeError, GenotypeError, DataError, FileNotFoundError, NonFiniteLossError) as e:
+        return run_local(_parse(argv), trial_class, argv)
+    except (ValueError, TypeError, GenotypeError, DataError, FileNotFoundError) as e:
         if isinstance(e, TypeError) and "unexpected keyword" not in str(e):
             raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
+        return _fail(e, 2)
+    except (NonFiniteLossError, Divergence) as e:
+        return _fail(e, 1)
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _is_collective_failure(e):
+            return _fail(f"rank {os.environ.get('RANK', '?')}: another process of this run stopped "
+                         f"({str(e).splitlines()[0][:200]}); this one stops too. The complete checkpoints under "
+                         "--output are intact: resume from the run directory", 1)
+        raise
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out"))
+
+
+def _fail(e: Any, code: int) -> int:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return code

@@ -11,7 +11,10 @@ training batch. Single-level: one training batch's loss updates both.
   DistributedDataParallel wrapper, and ``ArchitectureOptimizer.sync_grads`` averages the
   architecture gradients over ranks. Nothing toggles ``requires_grad``.
 * The weight step detaches the architecture weights, so no architecture gradient is computed.
-* A non-finite loss raises :class:`NonFiniteLossError` before any parameter changes.
+* ``check_finite=True`` (default): a non-finite loss or architecture gradient raises
+  :class:`NonFiniteLossError` before any parameter changes (one host synchronisation per
+  loss). ``check_finite=False`` returns the same check as a device flag,
+  ``StepResult.finite``, for the caller to read when it reports (the Determined trial).
 """
 from __future__ import annotations
 
@@ -36,12 +39,16 @@ class StepResult:
     loss: torch.Tensor                   # weight-step (training batch) loss, detached
     accuracy: Optional[torch.Tensor]     # training-batch top-1 accuracy (class labels only)
     arch_loss: Optional[torch.Tensor]    # architecture-step (held-out batch) loss, bilevel only
+    finite: torch.Tensor                 # device bool: losses and architecture gradients all finite
 
 
-def _check_finite(loss: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLossError(f"{what} is {loss.item()}: stopping before the update so no bad checkpoint is "
+def _finite(values: Sequence[torch.Tensor], what: str, check: bool) -> torch.Tensor:
+    """A device bool: every value finite. ``check`` reads it now and raises if not."""
+    finite = torch.stack([torch.isfinite(v.detach()).all() for v in values]).all()
+    if check and not finite:
+        raise NonFiniteLossError(f"{what} is not finite: stopping before the update so no bad checkpoint is "
                                  "written; lower the learning rate or check the data")
+    return finite
 
 
 def detached_weights(arch: ArchitectureOptimizer) -> dict[str, torch.Tensor]:
@@ -104,7 +111,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
                 weight_step: Callable[[], None], weight_backward: Callable[[torch.Tensor], None] = None,
                 bilevel: bool = True, criterion: Callable = F.cross_entropy,
                 ddp_unused: bool = False, autocast: Optional[torch.dtype] = None,
-                update_arch: bool = True) -> StepResult:
+                update_arch: bool = True, check_finite: bool = True) -> StepResult:
     """Run one search step.
 
     Args:
@@ -121,11 +128,14 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         autocast: run the forward passes under ``torch.autocast`` in this dtype (``torch.bfloat16``).
         update_arch: ``False`` trains the weights only (a warm-up: the architecture is used,
             sampled methods still sample, but it is not updated and no held-out batch is run).
+        check_finite: raise :class:`NonFiniteLossError` at once (a host synchronisation), or
+            leave the check to the caller through ``StepResult.finite``.
     """
     weight_backward = weight_backward or (lambda loss: loss.backward())
     amp = (lambda: torch.autocast(x_train.device.type, dtype=autocast)) if autocast else contextlib.nullcontext
     supernet = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     arch_loss = None
+    finite = []
 
     if bilevel and arch.learns and update_arch:
         if x_val is None or y_val is None:
@@ -133,9 +143,10 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         with amp():
             logits = functional_call(supernet, detached_weights(arch), (x_val, arch.weights()), strict=False)
             arch_loss = criterion(_loss_precision(logits), y_val)
-        _check_finite(arch_loss, "architecture loss")
+        finite.append(_finite([arch_loss], "the architecture loss", check_finite))
         torch.autograd.backward(arch_loss, inputs=arch.parameters())
         arch.sync_grads()
+        finite += [_finite(g, "an architecture gradient", check_finite) for g in [_grads(arch)] if g]
         arch.step()
         arch.zero_grad()
         arch_loss = arch_loss.detach()
@@ -145,13 +156,14 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
     with amp():
         logits = model(x_train, weights)
         loss = criterion(_loss_precision(logits), y_train)
-    _check_finite(loss, "training loss")
+    finite.append(_finite([loss], "the training loss", check_finite))
     unused = unreachable_parameters(loss, [p for _, p in arch.weight_named_parameters]) if ddp_unused else []
     weight_backward(_zero_touch(loss, unused))
     for p in unused:
         p.grad = None
     if single:
         arch.sync_grads()
+        finite += [_finite(g, "an architecture gradient", check_finite) for g in [_grads(arch)] if g]
         arch.step()
         arch.zero_grad()
     weight_step()
@@ -159,4 +171,9 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
     if not y_train.is_floating_point():
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == y_train).float().mean()
-    return StepResult(loss=loss.detach(), accuracy=accuracy, arch_loss=arch_loss)
+    return StepResult(loss=loss.detach(), accuracy=accuracy, arch_loss=arch_loss,
+                      finite=torch.stack(finite).all() if len(finite) > 1 else finite[0])
+
+
+def _grads(arch: ArchitectureOptimizer) -> list[torch.Tensor]:
+    return [p.grad for p in arch.parameters() if p.grad is not None]

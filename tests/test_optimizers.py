@@ -263,10 +263,32 @@ def test_non_finite_loss_stops_before_any_update():
     before = copy.deepcopy(net.state_dict())
     x, y, xv, yv = _batches()
     xv[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError, match="architecture loss is nan"):
+    with pytest.raises(NonFiniteLossError, match="the architecture loss is not finite"):
         search_step(net, arch, x, y, xv, yv, weight_step=lambda: None)
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k and "num_batches" not in k)
+
+
+@pytest.mark.parametrize("bilevel", [True, False])
+def test_non_finite_architecture_gradient_is_caught_not_zeroed(bilevel):
+    """A finite loss with an infinite architecture gradient: EG would clip it into a step; the
+    search step reports it (raising, or as the device flag the trial reads when it reports)."""
+    x, y, xv, yv = _batches()
+    for check in (True, False):
+        net = small("nas-bench-201")
+        arch = optimizers.create("gaea", net)
+        hooks = [p.register_hook(lambda g: g * float("inf")) for p in arch.parameters()]
+        if check:
+            with pytest.raises(NonFiniteLossError, match="an architecture gradient is not finite"):
+                search_step(net, arch, x, y, xv, yv, weight_step=lambda: None, bilevel=bilevel)
+        else:
+            result = search_step(net, arch, x, y, xv, yv, weight_step=lambda: None, bilevel=bilevel,
+                                 check_finite=False)
+            assert torch.isfinite(result.loss) and not bool(result.finite)
+        for h in hooks:
+            h.remove()
+    ok = search_step(net, arch, x, y, xv, yv, weight_step=lambda: None, bilevel=bilevel, check_finite=False)
+    assert bool(ok.finite)
 
 
 def test_entropy_stats():
