@@ -29,7 +29,9 @@ from .state import CheckpointError, check_compatible, complete_checkpoints, find
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPORT_EVERY = 10           # batches between reporting boundaries: divergence checks, interrupts under torchrun
-INTERRUPT_GRACE_S = 50.0    # after SIGINT/SIGTERM, exit with one line if no checkpoint was written by then
+# After SIGINT/SIGTERM, exit with one line if the run has not stopped by then. torchrun sends
+# SIGTERM to the other ranks when one dies and SIGKILL 30 s later: a rank says why before that.
+INTERRUPT_GRACE_S = {"single": 300.0, "torchrun": 25.0}
 SHORT_SEARCH_STEPS = 1000   # below this many steps the report explains what a short search shows
 USAGE = "python model_def.py experiments/<x>.yaml [--set key=value ...] [--max-batches N] [--output DIR] [--resume DIR]"
 
@@ -293,7 +295,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
             local_training=True, test_mode=False, searcher_metric_name=None, checkpoint_policy="all",
             step_zero_validation=False, max_length=det.pytorch.Batch(total), global_batch_size=None,
             profiling_enabled=False)
-        INTERRUPT.install(grace_s=INTERRUPT_GRACE_S, on_timeout=lambda: _last_good(storage, argv, output))
+        INTERRUPT.install(grace_s=INTERRUPT_GRACE_S["torchrun" if trial.world > 1 else "single"], on_timeout=lambda: _last_good(storage, argv, output))
         try:
             controller.run()
         except (Divergence, CheckpointError):
@@ -367,9 +369,10 @@ def main(argv: list[str], trial_class: Callable) -> int:
         return _fail(e, 1)
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _is_collective_failure(e):
+            cause = re.search(r"\] ([^\[]*?)(?: \[|\.|$)", str(e).splitlines()[0])
             return _fail(f"rank {os.environ.get('RANK', '?')}: another process of this run stopped "
-                         f"({str(e).splitlines()[0][:200]}); this one stops too. The complete checkpoints under "
-                         "--output are intact: resume from the run directory", 1)
+                         f"({cause.group(1) if cause else type(e).__name__}); this one stops too. "
+                         f"{INTERRUPT.on_timeout()}", 1)
         raise
 
 

@@ -197,6 +197,10 @@ def test_a_dead_rank_does_not_hang_the_other(tmp_path):
     t0 = time.monotonic()
     stdout, stderr = proc.communicate(timeout=90)
     assert time.monotonic() - t0 < 60 and proc.returncode != 0
+    said = [l for l in stderr.splitlines() if l.startswith("error:")]
+    # gloo notices the closed connection, or (blocked elsewhere) torchrun's SIGTERM and the grace timer end it
+    assert len(said) == 1 and re.search("another process of this run (stopped|may have died)", said[0]), stderr
+    assert "last complete checkpoint is" in said[0]
     good = checkpoints(out)
     assert good
     for ck in good.values():
