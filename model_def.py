@@ -102,6 +102,11 @@ class _Trial(PyTorchTrial):
                 total += len(y)
         return {"loss": loss / max(total, 1), "accuracy": correct / max(total, 1)}
 
+    @classmethod
+    def check_settings(cls, hparams: dict[str, Any], data: dict[str, Any]) -> None:
+        """Raise a one-line ValueError for a bad hyperparameter or data setting."""
+        DataConfig.from_mapping(data)
+
     def extra_state(self) -> dict[str, Any]:
         return {}
 
@@ -119,6 +124,11 @@ class _Trial(PyTorchTrial):
 class SearchTrial(_Trial):
     name = "search"
 
+    @classmethod
+    def check_settings(cls, hparams: dict[str, Any], data: dict[str, Any]) -> None:
+        SearchConfig.from_hparams(hparams)
+        super().check_settings(hparams, data)
+
     def __init__(self, context: PyTorchTrialContext) -> None:
         cfg = self.cfg = SearchConfig.from_hparams(context.get_hparams())
         self.data_cfg = DataConfig.from_mapping(context.get_data_config())
@@ -127,7 +137,10 @@ class SearchTrial(_Trial):
                     advice=f"lower learning_rate (now {cfg.learning_rate}) or the architecture optimizer's lr, "
                            "or set grad_clip")
         torch.manual_seed(cfg.seed)
-        supernet = search_spaces.create(cfg.space, num_classes=self.data.num_classes, **cfg.space_args)
+        try:
+            supernet = search_spaces.create(cfg.space, num_classes=self.data.num_classes, **cfg.space_args)
+        except ValueError as e:
+            raise ValueError(f"space_args {cfg.space_args}: {e}") from None
         if self.world > 1:
             # Architecture parameters stay out of DDP's buckets: the architecture optimizer
             # averages their gradients itself, so the two steps need no requires_grad toggling.
@@ -233,6 +246,12 @@ class SearchTrial(_Trial):
 
 class RetrainTrial(_Trial):
     name = "retrain"
+
+    @classmethod
+    def check_settings(cls, hparams: dict[str, Any], data: dict[str, Any]) -> None:
+        raw = RetrainConfig.from_hparams(hparams)
+        raw.resolve(search_spaces.parse_genotype(raw.genotype, space=raw.space).space)
+        super().check_settings(hparams, data)
 
     def __init__(self, context: PyTorchTrialContext) -> None:
         raw = RetrainConfig.from_hparams(context.get_hparams())

@@ -134,6 +134,9 @@ def _stack(items: list[tuple[str, str, np.ndarray]], where: str) -> ImageSet:
     if not items:
         raise DataError(f"no images found in {where}")
     classes = tuple(sorted({c for c, _, _ in items}))
+    if len(classes) < 2:
+        raise DataError(f"{where} has 1 class ({classes[0]!r}): a classifier needs images of at least 2 classes, "
+                        "one folder per class")
     index = {c: i for i, c in enumerate(classes)}
     items.sort(key=lambda t: (t[0], t[1]))
     shapes = {im.shape for _, _, im in items}

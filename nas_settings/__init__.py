@@ -3,12 +3,14 @@ hyperparameters, the experiment's ``data`` section, an optimizer's arguments) in
 dataclasses: an unknown key is an error that lists the valid ones, a value of the wrong type
 is an error that names the setting and what it must be. ``nas_data``, ``optimizers`` and
 ``nas_trial`` all build their configs through :func:`from_mapping`; errors are ``ValueError``s
-with one line, which the command-line tools print as they are."""
+with one line, which the command-line tools print as they are. :class:`ArgumentParser` does the
+same for command-line flags."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Mapping, NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -64,3 +66,12 @@ def check(cond: bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``cond``."""
     if not cond:
         raise ValueError(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The command lines' parser: a bad flag or value is one line on stderr and exit 2
+    (argparse prints a usage block first), with the usage folded into that line."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        usage = " ".join(self.format_usage().split())
+        self.exit(2, f"error: {message} ({usage})\n")

@@ -14,7 +14,6 @@ paths) and differs from BASE only in ``hyperparameters.genotype``, ``hyperparame
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -24,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from nas_settings import ArgumentParser
 from search_spaces import Genotype, GenotypeError
 from search_spaces.genotypes import genotype_from_json
 
@@ -220,7 +220,7 @@ def write(config: dict[str, Any], comment: str, output: Path) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m nas_trial candidates",
+    p = ArgumentParser(prog="python -m nas_trial candidates",
                                 description="Build one retraining experiment over the best distinct genotypes "
                                             "of several searches.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",

@@ -131,6 +131,8 @@ class RetrainConfig:
                   for k, v in self.__dict__.items()}
         values["space"] = space
         cfg = RetrainConfig(**values)
+        if cfg.init_channels < 1 or cfg.layers < 1:
+            raise ValueError(f"init_channels and layers must be >= 1, got {cfg.init_channels} and {cfg.layers}")
         if cfg.epochs < 1 or cfg.global_batch_size < 1 or cfg.learning_rate <= 0:
             raise ValueError("epochs and global_batch_size must be >= 1 and learning_rate > 0")
         if not 0.0 <= cfg.drop_path_prob < 1.0:

@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from nas_settings import ArgumentParser
+
 from .health import Divergence
 from .interrupt import INTERRUPT
 from .state import CheckpointError, check_compatible, complete_checkpoints, find_checkpoint, read_progress
@@ -121,7 +123,7 @@ def pick_hparams(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    p = _ArgumentParser(prog="python model_def.py", usage=USAGE,
+    p = ArgumentParser(prog="python model_def.py", usage=USAGE,
                                 description="Run a search or retraining locally through Determined's Trainer API.")
     p.add_argument("config", help="experiment YAML (experiments/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -146,12 +148,6 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
 
-
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line and exit 2 (no usage block)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ValueError(f"{message} (usage: {USAGE})")
 
 
 def _init_distributed():
@@ -238,6 +234,8 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
         if any(o.startswith(f"data.{key}=") for o in args.overrides) and data.get(key):
             data[key] = str(Path(data[key]).expanduser().resolve())
     hparams = pick_hparams(config["hyperparameters"])
+    trial_cls = trial_class(hparams)
+    trial_cls.check_settings(hparams, data)       # one line for a bad setting, before anything starts
     name = config.get("name") or Path(args.config).stem
     output = _output_dir(args, name)
     latest, progress, note = find_checkpoint(args.resume) if args.resume else (None, None, None)
@@ -262,7 +260,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
     # Tensorboard off locally: Determined would write it to ./runs (the Observer writes under --output).
     with det.pytorch.init(hparams=hparams, exp_conf=config, distributed=distributed,
                           enable_tensorboard_logging=False) as context:
-        trial = trial_class(hparams)(context)
+        trial = trial_cls(context)
         trial.settings["slots"] = trial.world
         if latest:
             check_compatible(progress, trial.settings, latest)
@@ -361,7 +359,8 @@ def main(argv: list[str], trial_class: Callable) -> int:
         return run_cluster(info, trial_class)
     try:
         return run_local(_parse(argv), trial_class, argv)
-    except (ValueError, TypeError, GenotypeError, DataError, FileNotFoundError) as e:
+    except (ValueError, TypeError, GenotypeError, DataError, FileNotFoundError,
+            det.errors.InvalidExperimentException) as e:
         if isinstance(e, TypeError) and "unexpected keyword" not in str(e):
             raise
         return _fail(e, 2)

@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from nas_settings import ArgumentParser
+
 from . import GenotypeError, count_macs, count_parameters, create_network, parse_genotype, space_names
 
 DEFAULTS = {"darts": {"C": 36, "layers": 20}, "nas-bench-201": {"C": 16, "layers": 5}}
@@ -42,7 +44,7 @@ def plot(genotype_spec: str, space: str | None, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m search_spaces", description=__doc__)
+    parser = ArgumentParser(prog="python -m search_spaces", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("describe", help="parameter count and multiply-adds of a genotype's network")
     p.add_argument("genotype", help="published name, genotype string, or path to a genotype JSON file")

@@ -110,6 +110,8 @@ class DartsSupernet(nn.Module):
         super().__init__()
         if layers < 3:
             raise ValueError(f"layers must be >= 3 (two of them are reduction cells), got {layers}")
+        if C < 1:
+            raise ValueError(f"C must be >= 1, got {C}")
         self.op_names = tuple(op for op in DARTS_OPS if not (exclude_none and op == "none"))
         self.none_index = self.op_names.index("none") if "none" in self.op_names else None
         self.nodes, self.multiplier = nodes, multiplier
@@ -258,6 +260,8 @@ class DartsNetwork(nn.Module):
             raise ValueError(f"unknown network variant {variant!r}; valid variants: cifar, imagenet")
         if layers < 3:
             raise ValueError(f"layers must be >= 3 (two of them are reduction cells), got {layers}")
+        if C < 1:
+            raise ValueError(f"C must be >= 1, got {C}")
         self.genotype = genotype
         self.drop_path_prob = drop_path_prob
         self.aux_index = 2 * layers // 3

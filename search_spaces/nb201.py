@@ -88,8 +88,8 @@ class NB201Supernet(nn.Module):
 
     def __init__(self, C: int = 16, layers: int = 5, num_classes: int = 10, exclude_none: bool = False):
         super().__init__()
-        if layers < 1:
-            raise ValueError(f"layers (cells per stage) must be >= 1, got {layers}")
+        if layers < 1 or C < 1:
+            raise ValueError(f"C and layers (cells per stage) must be >= 1, got C={C}, layers={layers}")
         self.op_names = tuple(op for op in NB201_OPS if not (exclude_none and op == "none"))
         self.none_index = self.op_names.index("none") if "none" in self.op_names else None
         self.n_edges = N_EDGES

@@ -1,10 +1,12 @@
 """The search as a Determined trial, run through model_def.py like a user runs it."""
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from nas_trial.health import first_non_finite
 from nas_trial.runner import apply_overrides, load_config, pick_hparams
 from tests.helpers import checkpoints, load_state, run_model_def, write_config
 
@@ -55,17 +57,29 @@ def test_same_seed_same_architecture_other_seed_differs(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_before_a_bad_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path, learning_rate=1.0e12)
+@pytest.mark.parametrize("kind", ["search", "retrain"])
+def test_divergence_stops_before_a_bad_checkpoint(tmp_path, kind):
+    """learning_rate 1e6 with a checkpoint after every batch: the run stops with one line naming
+    what diverged and the step, and no checkpoint it wrote holds a non-finite tensor (weights,
+    BatchNorm statistics, optimizer and architecture state); none is left half-written."""
+    hp = {**TINY, "learning_rate": 1.0e6} if kind == "search" else \
+        {"genotype": "NB201_RESNET", "space": "nas-bench-201", "global_batch_size": 16, "init_channels": 4, "layers": 1,
+         "epochs": 2, "learning_rate": 1.0e6}
+    cfg = write_config(tmp_path / "exp.yaml", hp, DIGITS)
     proc = run_model_def(str(cfg), "--max-batches", "30", "--checkpoint-every", "1", "--output", str(tmp_path / "o"))
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(err) == 1 and "loss is" in err[0] and "no bad checkpoint" in err[0]
+    assert len(err) == 1 and "the run diverged" in err[0] and "lower learning_rate (now 1000000.0)" in err[0], err
+    assert re.search(r"not finite at step \d+", err[0])
     ckpts = checkpoints(tmp_path / "o")
-    assert ckpts and max(ckpts) < 30
+    assert max(ckpts, default=0) < 30
+    assert len(list((tmp_path / "o" / "determined").iterdir())) == len(ckpts)     # no incomplete leftovers
     for ck in ckpts.values():
-        state = load_state(ck)["models_state_dict"][0]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        assert first_non_finite({k: v for k, v in load_state(ck).items() if k != "rng_state"}) is None, ck
+        if kind == "search":
+            weights = json.loads((ck / "genotype.json").read_text())["arch_weights"]
+            assert all(math.isfinite(w) for cell in weights.values() for row in cell["ops"] for w in row)
 
 
 @pytest.mark.parametrize("override,match", [
