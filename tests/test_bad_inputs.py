@@ -4,17 +4,14 @@ same ``main`` the command lines call (a few through a real subprocess at the end
 import json
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import model_def
 from nas_trial.runner import main as run_main
 from search_spaces.__main__ import main as describe_main
-from tests.helpers import ROOT, checkpoints, run_model_def, write_config
+from tests.helpers import checkpoints, run_model_def, write_config
 
 SEARCH = {"global_batch_size": 16, "space": "nas-bench-201", "space_args": {"C": 4, "layers": 1},
           "optimizer": "gaea", "epochs": 2, "learning_rate": 0.05, "seed": 0}
