@@ -85,8 +85,16 @@ def load(name: str, root: str | os.PathLike | None, split: str, *, download: boo
 
 
 def _cache_key(name: str, root: Path, split: str, image_size: Optional[int]) -> str:
-    """Identifies the source files (paths, sizes, mtimes); '' when there is nothing to cache."""
-    if name == "digits" or not root.exists():
+    """Identifies the source files (paths, sizes, mtimes; for digits, scikit-learn's version,
+    which saves importing scikit-learn); '' when there is nothing to cache."""
+    if name == "digits":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            source = version("scikit-learn")
+        except PackageNotFoundError:
+            return ""
+        return hashlib.sha1(f"digits|{source}|{split}|{image_size}".encode()).hexdigest()[:16]
+    if not root.exists():
         return ""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())[:200000]
     h = hashlib.sha1(f"{name}|{root}|{split}|{image_size}".encode())

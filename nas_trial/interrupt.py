@@ -1,7 +1,8 @@
 """Clean local interrupts: the first SIGINT (Ctrl-C) or SIGTERM lets the current training
 step finish, then the trial writes a checkpoint and the runner prints the resume command and
 exits non-zero, without a traceback. A second signal stops at once (the last complete
-checkpoint stays). If the run cannot finish within ``grace_s`` seconds (e.g. another process
+checkpoint stays); a signal within a second of the first counts as the same one (Ctrl-C under
+``torchrun`` reaches each rank twice: from the terminal and forwarded). If the run cannot finish within ``grace_s`` seconds (e.g. another process
 of a ``torchrun`` job died and a collective waits for it), it exits with one line.
 
 On a cluster nothing is installed: Determined's preemption checkpoints and exits there."""
@@ -11,17 +12,20 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 import determined as det
 import determined.pytorch  # noqa: F401
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SAME_SIGNAL_S = 1.0
 
 
 class Interrupt:
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.at = 0.0
         self.on_timeout: Callable[[], str] = lambda: ""
         self.grace_s = 60.0
         self._previous: dict[int, Any] = {}
@@ -46,10 +50,12 @@ class Interrupt:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
+            if time.monotonic() - self.at < SAME_SIGNAL_S:
+                return
             print(f"error: second {signal.Signals(signum).name}: stopped at once. {self.on_timeout()}",
                   file=sys.stderr, flush=True)
             os._exit(self.exit_code)
-        self.signum = signum
+        self.signum, self.at = signum, time.monotonic()
         timer = threading.Timer(self.grace_s, self._timeout)
         timer.daemon = True
         timer.start()

@@ -87,6 +87,8 @@ def test_resume_mid_epoch_into_a_new_output_is_exact(tmp_path, kind):
     directory into a new --output: the same checkpoint and validation points (counted from
     the start of the run: epoch 12, every 4) and the same final state, bit for bit."""
     hparams = {**RETRAIN} if kind == "retrain" else {**SEARCH, "optimizer": kind}
+    if kind == "random":        # a cheaper selection at each validation (same code path)
+        hparams["optimizer_args"] = {"random": {"candidates": 4, "eval_batches": 2}}
     total = 26 if kind == "retrain" else TOTAL         # retraining: 22 batches per epoch
     cfg = _config(tmp_path, hparams)
     common = ["--max-batches", str(total), "--checkpoint-every", str(EVERY)]
@@ -205,3 +207,55 @@ def test_a_dead_rank_does_not_hang_the_other(tmp_path):
     assert good
     for ck in good.values():
         load_state(ck)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_checkpoint(tmp_path):
+    """SIGINT to the whole process group (torchrun and both ranks), as Ctrl-C in a terminal
+    sends it: the ranks agree at the next reporting boundary, write one checkpoint there and
+    exit with the resume command."""
+    cfg = _config(tmp_path, {**SEARCH, "optimizer": "gaea", "epochs": 50})
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29500 + (os.getpid() + 7) % 1000), str(ROOT / "model_def.py"), str(cfg), "--checkpoint-every", "1000",
+         "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "NAS_FAULT_STEP_DELAY": "0.2"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "tensorboard").exists():
+        time.sleep(0.1)
+    time.sleep(3)                                   # training by now
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=90)
+    said = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(said) == 1 and "stopped by SIGINT at batch" in said[0], stderr[-3000:]
+    stopped = int(re.search(r"at batch (\d+)", said[0]).group(1))
+    assert stopped % 10 == 0 and max(checkpoints(out)) == stopped      # (13: the end of epoch 1 validated)
+    assert "--resume" in said[0] and 'model_def.py", line' not in stderr      # no traceback from a rank
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_divergence_is_an_invalid_hyperparameter_on_a_cluster(monkeypatch, cluster):
+    """On a (simulated) cluster, divergence raises det.InvalidHP, so the searcher drops the
+    trial instead of restarting it; locally it is a Divergence (one line, exit 1)."""
+    import types
+
+    import determined as det
+
+    from nas_trial import health
+    from nas_trial.faults import Faults
+
+    monkeypatch.setattr(health, "on_cluster", lambda: cluster)
+    expected = det.InvalidHP if cluster else health.Divergence
+    dist = types.SimpleNamespace(get_size=lambda: 1)
+    trial = types.SimpleNamespace(steps=6, context=types.SimpleNamespace(distributed=dist), faults=Faults(""))
+    h = health.Health(trial, "lower learning_rate")
+    h.record(6, "the training loss", torch.tensor(True))
+    h.check_steps()
+    trial.steps = 7
+    h.record(7, "the training loss", torch.tensor(False))
+    with pytest.raises(expected, match="the training loss is not finite at step 7, so no checkpoint after step 6"):
+        h.check_steps()
+    with pytest.raises(expected, match=r"models_state_dict\[0\]\.bn\.running_var is not finite"):
+        h.on_checkpoint_save_start({"models_state_dict": [{"bn.running_var": torch.tensor([1.0, float("inf")])}]})
+    h.on_checkpoint_save_start({"models_state_dict": [{"bn.running_var": torch.ones(2)}]})
