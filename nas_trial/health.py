@@ -87,6 +87,8 @@ class Health(det.pytorch.PyTorchCallback):
 
     def on_checkpoint_save_start(self, checkpoint: dict[str, Any]) -> None:
         self.trial.faults.hit("save_start", self.trial.steps)
+        if self.trial.context.distributed.get_size() == 1:
+            self.check_steps()      # (under torchrun the ranks check together, at every reporting boundary)
         bad = first_non_finite({k: checkpoint[k] for k in ("models_state_dict", "optimizers_state_dict", "callbacks")
                                 if k in checkpoint})
         if bad is not None:

@@ -109,14 +109,14 @@ def test_resume_mid_epoch_into_a_new_output_is_exact(tmp_path, kind):
 
 @pytest.mark.slow
 def test_kill_at_many_points_then_resume_from_the_run_directory(tmp_path, gaea_reference):
-    """One run killed (SIGKILL, by its own fault switch) at seven points, training steps and each
+    """One run killed (SIGKILL, by its own fault switch) at six points, training steps and each
     phase of a checkpoint write, each time resumed from its run directory: every complete
     checkpoint survives each kill, incomplete ones are never taken, and the end is bitwise
     the uninterrupted run."""
     cfg, ref, _ = gaea_reference
     out = tmp_path / "run"
     args = [str(cfg), "--max-batches", str(TOTAL), "--checkpoint-every", str(EVERY), "--output", str(out)]
-    points = ["step@6", "save_start@8", "torch_save@8", "files@8", "progress@8", "step@10", "progress@12"]
+    points = ["step@6", "save_start@8", "torch_save@8", "files@8", "progress@8", "progress@12"]
     tried = []
     for i, point in enumerate(points):
         before = {n: (p, (p / "state_dict.pth").read_bytes()) for n, p in checkpoints(out).items()} \
@@ -151,7 +151,7 @@ def _start(args, env=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGTERM])       # SIGINT: the torchrun test below
 def test_interrupt_checkpoints_and_prints_the_resume_command(tmp_path, gaea_reference, sig):
     cfg, ref, _ = gaea_reference
     out = tmp_path / "run"
