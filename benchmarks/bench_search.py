@@ -81,7 +81,7 @@ def worker(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         optimizers.search_step(net, arch, x, y, xv, yv, weight_step=weight_step, bilevel=opts["bilevel"],
-                               autocast=autocast)
+                               autocast=autocast, check_finite=False)   # as the trial: a device flag
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
