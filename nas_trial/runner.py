@@ -340,7 +340,9 @@ def run_cluster(info: Any, trial_class: Callable) -> int:
         det.pytorch.Trainer(trial, context).fit(
             max_length=max_length, latest_checkpoint=info.latest_checkpoint,
             validation_period=det.pytorch.Epoch(trial.cfg.validate_every),
-            checkpoint_period=det.pytorch.Epoch(trial.cfg.checkpoint_every))
+            checkpoint_period=det.pytorch.Epoch(trial.cfg.checkpoint_every),
+            # fit() does not read the experiment's checkpoint_policy itself (its default is "best")
+            checkpoint_policy=context.get_experiment_config().get("checkpoint_policy", "best"))
     return 0
 
 

@@ -107,3 +107,37 @@ def test_search_options_run_in_the_trial(tmp_path, option):
                                                            "edge_normalization": True})
     proc = ok(run_model_def(str(cfg), "--max-batches", "2", "--set", option, "--output", str(tmp_path / "o")))
     assert "finished at batch 2" in proc.stdout
+
+
+@pytest.mark.parametrize("policy", ["all", "none", None])
+def test_cluster_entry_passes_the_experiments_checkpoint_policy_and_length(monkeypatch, policy):
+    """On a cluster the trial runs through Trainer.fit, which reads neither checkpoint_policy nor
+    the searcher's length from the experiment itself: the entry point passes both."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import determined as det
+
+    from nas_trial import runner
+
+    config = {"searcher": {"name": "adaptive_asha", "time_metric": "epochs", "max_time": 7}}
+    if policy:
+        config["checkpoint_policy"] = policy
+    context = SimpleNamespace(get_experiment_config=lambda: config)
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, trial, ctx):
+            seen["trial"] = trial
+
+        def fit(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(det.pytorch, "init", lambda hparams: contextlib.nullcontext(context))
+    monkeypatch.setattr(det.pytorch, "Trainer", FakeTrainer)
+    cfg = SimpleNamespace(validate_every=1, checkpoint_every=2, epochs=50)
+    info = SimpleNamespace(trial=SimpleNamespace(hparams={}), latest_checkpoint="uuid-1")
+    assert runner.run_cluster(info, lambda hp: (lambda ctx: SimpleNamespace(cfg=cfg))) == 0
+    assert seen["checkpoint_policy"] == (policy or "best") and seen["latest_checkpoint"] == "uuid-1"
+    assert isinstance(seen["max_length"], det.pytorch.Epoch) and seen["max_length"].value == 7
+    assert seen["checkpoint_period"].value == 2 and seen["validation_period"].value == 1
