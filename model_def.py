@@ -47,8 +47,7 @@ class _Trial(PyTorchTrial):
         if n_train < self.per_slot * self.world:
             raise ValueError(f"{n_train} training images cannot fill one global batch of "
                              f"{self.per_slot * self.world}; lower global_batch_size or use more data")
-        self.batches_per_epoch = n_train // self.per_slot                     # over all ranks
-        self.epoch_len = epoch_length(self.batches_per_epoch, self.world)     # per rank, as Determined counts
+        self.epoch_len = epoch_length(n_train, self.per_slot * self.world)    # steps, on any number of ranks
         self.total_steps = epochs * self.epoch_len
         self.steps = 0                # batches trained (restored from checkpoints)
         self.last_metrics: dict[str, Any] = {}
@@ -81,7 +80,7 @@ class _Trial(PyTorchTrial):
         self.faults.hit("step", self.steps)
 
     def _train_loader(self, dataset, num_workers: int) -> DataLoader:
-        sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed)
+        sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed, world=self.world)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                           pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_workers)
 

@@ -103,15 +103,21 @@ class PairedDataset(Dataset):
 
 class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of keys ``epoch * n + i``, one epoch per ``iter()``: a seeded permutation per
-    epoch (or the identity without ``shuffle``), incomplete last batch dropped. ``start_batch``
-    skips that many batches of the whole stream (resuming mid-run); Determined repeats the
-    sampler and deals its batches round-robin to the ranks."""
+    epoch (or the identity without ``shuffle``). ``start_batch`` skips that many batches of the
+    whole stream (resuming mid-run); Determined repeats the sampler and deals its batches
+    round-robin to the ``world`` ranks.
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, start_batch: int = 0):
-        if batch_size < 1 or n < batch_size:
-            raise ValueError(f"need at least one batch: {n} samples, batch size {batch_size}")
+    ``batch_size`` is the per-rank batch. Each epoch ends with the last *complete global*
+    batch (``world`` per-rank batches): every rank gets ``n // (batch_size * world)`` batches,
+    and global step ``s`` covers ``order[s * G:(s + 1) * G]`` (``G`` the global batch) on any
+    number of ranks, the images one rank would train on at batch size ``G``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, start_batch: int = 0,
+                 world: int = 1):
+        if batch_size < 1 or world < 1 or n < batch_size * world:
+            raise ValueError(f"need at least one batch: {n} samples, batch size {batch_size} x {world} rank(s)")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.per_epoch = n // batch_size
+        self.per_epoch = n // (batch_size * world) * world
         self.epoch, self.skip = divmod(start_batch, self.per_epoch)
 
     def __len__(self) -> int:

@@ -103,9 +103,10 @@ def resume_settings(hparams: Mapping[str, Any], data: Mapping[str, Any]) -> dict
     return json.loads(json.dumps(flat, default=str))
 
 
-def epoch_length(batches_per_epoch: int, world_size: int) -> int:
-    """Batches per epoch on the chief, as Determined counts them (batches dealt round-robin)."""
-    return -(-batches_per_epoch // world_size)
+def epoch_length(n_train: int, global_batch: int) -> int:
+    """Steps per epoch on every rank: complete global batches only, so the same on any number
+    of ranks for the same global batch (see ``nas_data.EpochBatchSampler``)."""
+    return n_train // global_batch
 
 
 def write_text(path: Path, text: str) -> None:

@@ -107,6 +107,22 @@ def test_determined_shards_batches_across_ranks():
         assert not torch.equal(a[0], b[0])
 
 
+def test_ranks_together_take_the_single_slot_global_batches():
+    """50 keys, global batch 8: one rank at 8 and two ranks at 4 each take the same 6 global
+    batches per epoch (the incomplete one dropped), in the same order, across epochs."""
+    from determined.pytorch import DataLoader
+
+    ds = list(range(1000))
+    single = DataLoader(ds, batch_sampler=EpochBatchSampler(50, 8, seed=0)).get_data_loader(repeat=True)
+    ranks = [DataLoader(ds, batch_sampler=EpochBatchSampler(50, 4, seed=0, world=2)).get_data_loader(
+        repeat=True, num_replicas=2, rank=r) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 6
+    single, ranks = iter(single), [iter(r) for r in ranks]
+    for step in range(14):          # into the third epoch
+        together = torch.cat([next(ranks[0]), next(ranks[1])])
+        assert torch.equal(together, next(single)), step
+
+
 def test_search_split_halves_are_disjoint_and_paired():
     d = build_search_data(DataConfig(dataset="digits", subset=200), seed=3)
     w, a = set(d.paired.train.indices.tolist()), set(d.paired.val.indices.tolist())

@@ -22,8 +22,12 @@ def test_ranks_hold_identical_weights_after_every_step(tmp_path, method, space):
 
 @pytest.mark.slow
 def test_ddp_resume_mid_epoch_into_a_new_output_is_exact(tmp_path):
-    """2 processes, 13 batches per epoch: stopped at 5, resumed from the run directory into a
-    new --output, the run validates at 13 as the uninterrupted one does and ends equal."""
+    """2 processes: the epoch is the single process's (200 images at 16 a step: 12 steps,
+    where each rank's share, 25 batches of 8, does not split evenly); stopped at 5, resumed
+    from the run directory into a new --output, the run validates at 12 as the uninterrupted
+    one does and ends equal. The single-process run of the same config validates,
+    checkpoints and anneals the learning rate at the same steps."""
+    from tests.helpers import load_state
     from tests.test_resume import same_run_state, validations
 
     cfg = write_config(tmp_path / "exp.yaml",
@@ -32,12 +36,19 @@ def test_ddp_resume_mid_epoch_into_a_new_output_is_exact(tmp_path):
                        {"dataset": "digits", "subset": 400})
     a = run_model_def(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "a"), nproc=2)
     assert a.returncode == 0, a.stderr[-3000:]
-    assert "8 per slot x 2 slot(s)" in a.stdout and "13 per epoch" in a.stdout
+    assert "8 per slot x 2 slot(s)" in a.stdout and "12 per epoch" in a.stdout
     b = run_model_def(str(cfg), "--max-batches", "5", "--output", str(tmp_path / "b"), nproc=2)
     assert b.returncode == 0, b.stderr[-3000:]
     c = run_model_def(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "c"), "--resume",
                       str(tmp_path / "b"), nproc=2)
     assert c.returncode == 0, c.stderr[-3000:]
-    assert validations(a) == [13, 16] and validations(c) == [13, 16]
-    for n in (13, 16):
+    assert validations(a) == [12, 16] and validations(c) == [12, 16]
+    for n in (12, 16):
         same_run_state(checkpoints(tmp_path / "a")[n], checkpoints(tmp_path / "c")[n])
+    single = run_model_def(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "s"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "12 per epoch" in single.stdout and validations(single) == [12, 16]
+    assert set(checkpoints(tmp_path / "s")) == set(checkpoints(tmp_path / "a")) == {12, 16}
+    for n in (12, 16):
+        lr = [load_state(checkpoints(tmp_path / r)[n])["lr_schedulers_state_dict"] for r in ("a", "s")]
+        assert lr[0] == lr[1]
