@@ -31,7 +31,7 @@ from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, epoch_length, resume_settings, write_json
-from optimizers.search import search_step
+from optimizers.search import search_step, unreachable_parameters, zero_touch
 
 
 class _Trial(PyTorchTrial):
@@ -261,11 +261,14 @@ class RetrainTrial(_Trial):
         self._setup(context, cfg.seed, cfg.epochs, len(self.data.train),
                     advice=f"lower learning_rate (now {cfg.learning_rate}) or set grad_clip")
         torch.manual_seed(cfg.seed)
+        # an auxiliary head whose loss weighs 0 would be trained by nothing (and idle under DDP)
         net = search_spaces.create_network(self.genotype, C=cfg.init_channels, layers=cfg.layers,
-                                           num_classes=self.data.num_classes, auxiliary=cfg.auxiliary,
-                                           variant=cfg.variant)
+                                           num_classes=self.data.num_classes,
+                                           auxiliary=bool(cfg.auxiliary and cfg.auxiliary_weight), variant=cfg.variant)
+        self.unused: Optional[list[torch.nn.Parameter]] = None   # under DDP: parameters no loss reaches
         c, h, w = self.data.image_shape
-        if self.genotype.space == "darts" and cfg.auxiliary and cfg.variant == "cifar" and -(-min(h, w) // 4) < 5:
+        if self.genotype.space == "darts" and cfg.auxiliary and cfg.auxiliary_weight and cfg.variant == "cifar" \
+                and -(-min(h, w) // 4) < 5:
             raise ValueError(f"auxiliary: the auxiliary head pools 5x5 windows from features a quarter of the image "
                              f"size, and these images are {h}x{w}; set auxiliary: false (images under 17 px)")
         self.candidate = cfg.candidate_metrics(self.genotype)
@@ -304,7 +307,13 @@ class RetrainTrial(_Trial):
         loss = F.cross_entropy(logits, y)
         if aux is not None and cfg.auxiliary_weight:
             loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, y)
-        self.context.backward(loss)
+        if self.world > 1 and self.unused is None:
+            # e.g. a cell with no edge from its first input: DDP (find_unused_parameters=False)
+            # needs a gradient for every parameter; the set is fixed by the genotype
+            self.unused = unreachable_parameters(loss, list(self.net.parameters()))
+        self.context.backward(zero_touch(loss, self.unused) if self.unused else loss)
+        for p in self.unused or []:
+            p.grad = None       # the single-process update: no gradient, no weight decay
         clip = cfg.grad_clip
         self.context.step_optimizer(
             self.opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)

@@ -74,7 +74,7 @@ def unreachable_parameters(loss: torch.Tensor, params: Sequence[nn.Parameter]) -
     return [p for p in params if p.requires_grad and id(p) not in seen]
 
 
-def _zero_touch(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+def zero_touch(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
     """Make ``params`` part of the graph at zero cost and zero value (for DDP buckets)."""
     if not params:
         return loss
@@ -158,7 +158,7 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         loss = criterion(_loss_precision(logits), y_train)
     finite.append(_finite([loss], "the training loss", check_finite))
     unused = unreachable_parameters(loss, [p for _, p in arch.weight_named_parameters]) if ddp_unused else []
-    weight_backward(_zero_touch(loss, unused))
+    weight_backward(zero_touch(loss, unused))
     for p in unused:
         p.grad = None
     if single:

@@ -52,3 +52,32 @@ def test_ddp_resume_mid_epoch_into_a_new_output_is_exact(tmp_path):
     for n in (12, 16):
         lr = [load_state(checkpoints(tmp_path / r)[n])["lr_schedulers_state_dict"] for r in ("a", "s")]
         assert lr[0] == lr[1]
+
+
+NO_FIRST_INPUT = ("Genotype(normal=[('sep_conv_3x3', 1), ('max_pool_3x3', 1), ('sep_conv_3x3', 2), ('skip_connect', 1), "
+                  "('sep_conv_3x3', 3), ('skip_connect', 2), ('sep_conv_3x3', 4), ('skip_connect', 1)], "
+                  "normal_concat=[2, 3, 4, 5], reduce=[('max_pool_3x3', 1), ('skip_connect', 1), ('max_pool_3x3', 2), "
+                  "('skip_connect', 1), ('skip_connect', 2), ('skip_connect', 3), ('skip_connect', 2), "
+                  "('skip_connect', 4)], reduce_concat=[2, 3, 4, 5])")
+
+
+@pytest.mark.slow
+def test_retraining_on_two_processes_with_idle_parameters(tmp_path):
+    """A genotype with no edge from the cells' first input leaves each cell's preprocess0 idle,
+    which DDP (find_unused_parameters=False) refuses; with the auxiliary head on, 2 processes
+    train, and the idle parameters get no update (no optimizer state), as on one process."""
+    from tests.helpers import load_state
+
+    cfg = write_config(tmp_path / "exp.yaml",
+                       {"genotype": NO_FIRST_INPUT, "global_batch_size": 16, "init_channels": 4, "layers": 3,
+                        "epochs": 1, "auxiliary": True, "auxiliary_weight": 0.4},
+                       {"dataset": "digits", "subset": 200, "image_size": 32})
+    proc = run_model_def(str(cfg), "--max-batches", "2", "--output", str(tmp_path / "o"), nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_state(checkpoints(tmp_path / "o")[2])
+    names = list(state["models_state_dict"][0])
+    params = [n for n in names if "running" not in n and "num_batches" not in n]
+    momentum = state["optimizers_state_dict"][0]["state"]
+    idle = [i for i, n in enumerate(params) if ".preprocess0." in n]
+    assert idle and all(i not in momentum for i in idle)
+    assert any(".auxiliary_head." in params[i] for i in momentum)         # the head trains
