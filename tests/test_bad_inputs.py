@@ -201,3 +201,15 @@ def test_bad_inputs_as_a_user_runs_them(files, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
         assert not (tmp_path / "o").exists()
+
+
+def test_resume_on_another_number_of_processes_is_refused(files):
+    """The run's slot count is one of the settings a checkpoint records (checked as the
+    command-line cases above are, here without starting two processes)."""
+    from nas_trial.state import CheckpointError, check_compatible, read_progress
+
+    progress = read_progress(files["ckpt"])
+    assert progress["settings"]["slots"] == 1
+    check_compatible(progress, dict(progress["settings"]), files["ckpt"])
+    with pytest.raises(CheckpointError, match="written with slots=1, this run has slots=2"):
+        check_compatible(progress, {**progress["settings"], "slots": 2}, files["ckpt"])
