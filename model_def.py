@@ -30,7 +30,7 @@ from nas_trial.health import Health
 from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
-from nas_trial.state import TrialState, epoch_length, resume_settings, write_json
+from nas_trial.state import TrialState, resume_settings, write_json
 from optimizers.search import search_step, unreachable_parameters, zero_touch
 
 
@@ -47,7 +47,7 @@ class _Trial(PyTorchTrial):
         if n_train < self.per_slot * self.world:
             raise ValueError(f"{n_train} training images cannot fill one global batch of "
                              f"{self.per_slot * self.world}; lower global_batch_size or use more data")
-        self.epoch_len = epoch_length(n_train, self.per_slot * self.world)    # steps, on any number of ranks
+        self.epoch_len = EpochBatchSampler.steps_per_epoch(n_train, self.per_slot, self.world)  # on any rank count
         self.total_steps = epochs * self.epoch_len
         self.steps = 0                # batches trained (restored from checkpoints)
         self.last_metrics: dict[str, Any] = {}

@@ -117,8 +117,13 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         if batch_size < 1 or world < 1 or n < batch_size * world:
             raise ValueError(f"need at least one batch: {n} samples, batch size {batch_size} x {world} rank(s)")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.per_epoch = n // (batch_size * world) * world
+        self.per_epoch = self.steps_per_epoch(n, batch_size, world) * world
         self.epoch, self.skip = divmod(start_batch, self.per_epoch)
+
+    @staticmethod
+    def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+        """Training steps per epoch on every rank: complete global batches only."""
+        return n // (batch_size * world)
 
     def __len__(self) -> int:
         return self.per_epoch

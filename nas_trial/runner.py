@@ -124,7 +124,7 @@ def pick_hparams(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(prog="python model_def.py", usage=USAGE,
-                                description="Run a search or retraining locally through Determined's Trainer API.")
+                       description="Run a search or retraining locally through Determined's Trainer API.")
     p.add_argument("config", help="experiment YAML (experiments/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a hyperparameter (or data.x, searcher.x, ...); repeatable")
@@ -147,7 +147,6 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
-
 
 
 def _init_distributed():
@@ -293,7 +292,8 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
             local_training=True, test_mode=False, searcher_metric_name=None, checkpoint_policy="all",
             step_zero_validation=False, max_length=det.pytorch.Batch(total), global_batch_size=None,
             profiling_enabled=False)
-        INTERRUPT.install(grace_s=INTERRUPT_GRACE_S["torchrun" if trial.world > 1 else "single"], on_timeout=lambda: _last_good(storage, argv, output))
+        INTERRUPT.install(grace_s=INTERRUPT_GRACE_S["torchrun" if trial.world > 1 else "single"],
+                          on_timeout=lambda: _last_good(storage, argv, output))
         try:
             controller.run()
         except (Divergence, CheckpointError):

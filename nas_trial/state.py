@@ -103,12 +103,6 @@ def resume_settings(hparams: Mapping[str, Any], data: Mapping[str, Any]) -> dict
     return json.loads(json.dumps(flat, default=str))
 
 
-def epoch_length(n_train: int, global_batch: int) -> int:
-    """Steps per epoch on every rank: complete global batches only, so the same on any number
-    of ranks for the same global batch (see ``nas_data.EpochBatchSampler``)."""
-    return n_train // global_batch
-
-
 def write_text(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
