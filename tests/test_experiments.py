@@ -2,6 +2,7 @@
 fields, the fields this project relies on, and each sampled hyperparameter point builds its
 trial and trains one batch locally."""
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,28 @@ def test_config_fields(path):
         assert s["metric"] == "val_accuracy" and s["smaller_is_better"] is False
     hp = cfg["hyperparameters"]
     assert "global_batch_size" in hp
+    assert cfg["environment"]["image"] == IMAGES        # never Determined's default image
+
+
+def _dockerfile_tags() -> dict[str, str]:
+    """The tags docker/Dockerfile's build commands give its CUDA and CPU variants."""
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    tags = re.findall(r"-t (\S+) \.", text)
+    return {"cuda": next(t for t in tags if "cuda" in t), "cpu": next(t for t in tags if t.endswith("-cpu"))}
+
+
+IMAGES = _dockerfile_tags()
+
+
+def test_images_carry_the_pinned_torch_and_determined_and_the_readme_names_them():
+    pins = dict(l.split("==") for l in (ROOT / "requirements.txt").read_text().splitlines() if "==" in l)
+    readme = (ROOT / "README.md").read_text()
+    for tag in IMAGES.values():
+        assert f"torch{pins['torch']}" in tag and f"det{pins['determined']}" in tag
+        assert tag in readme
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    for pkg in ("torch", "torchvision", "determined"):
+        assert f"{pkg}=={pins[pkg]}" in dockerfile
 
 
 def _points(spec: dict) -> list[dict]:
