@@ -23,7 +23,8 @@ from determined.pytorch import DataLoader, LRScheduler, PyTorchTrial, PyTorchTri
 
 import optimizers
 import search_spaces
-from nas_data import DataConfig, EpochBatchSampler, build_retrain_data, build_search_data, sample_indices
+from nas_data import (DataConfig, EpochBatchSampler, ShardBatchSampler, build_retrain_data, build_search_data,
+                      sample_indices)
 from nas_trial.config import PRECISIONS, RetrainConfig, SearchConfig
 from nas_trial.faults import Faults
 from nas_trial.health import Health
@@ -31,6 +32,7 @@ from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, resume_settings, write_json
+from nas_trial.validation import EveryRankValidation
 from optimizers.search import search_step, unreachable_parameters, zero_touch
 
 
@@ -58,11 +60,14 @@ class _Trial(PyTorchTrial):
         self.observer = Observer(self)      # TensorBoard, history for the report, cost
         self.faults = Faults()              # NAS_FAULT_KILL (kill tests)
         self.health = Health(self, advice)
+        self.validation = EveryRankValidation(self)     # every rank measures, the chief reports
+        self.eval_batch_size = self.per_slot * self.world   # batches as one slot cuts them
         self.settings = resume_settings(context.get_hparams(), context.get_data_config())
 
     def _callbacks(self, write_files=None) -> dict[str, det.pytorch.PyTorchCallback]:
+        # in this order: the observer stops the cost clock before validation starts
         callbacks = {"nas_state": TrialState(self, self.settings, write_files), "observe": self.observer,
-                     "health": self.health}
+                     "health": self.health, "validate": self.validation}
         if self.world > 1:
             callbacks["interrupt"] = StopOnInterrupt(self.context)
         return callbacks
@@ -84,22 +89,17 @@ class _Trial(PyTorchTrial):
         return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                           pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_workers)
 
-    def _eval_loader(self, dataset, num_workers: int) -> DataLoader:
+    def eval_loader(self, dataset, num_workers: int, batch_sampler=None) -> DataLoader:
         # its own generator: a new iterator draws its worker seed from it, not from the global
         # RNG that training uses (drop path), which would then depend on how often one validated
-        return DataLoader(dataset, batch_size=self.per_slot, shuffle=False, num_workers=num_workers,
-                          generator=torch.Generator())
+        if batch_sampler is None:
+            batch_sampler = ShardBatchSampler(len(dataset), self.eval_batch_size)
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
 
-    def _evaluate(self, loader, forward) -> dict[str, float]:
-        loss, correct, total = 0.0, 0, 0
-        with torch.no_grad():
-            for batch in loader:
-                x, y = self.context.to_device(batch)
-                logits = forward(x)
-                loss += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(-1) == y).sum())
-                total += len(y)
-        return {"loss": loss / max(total, 1), "accuracy": correct / max(total, 1)}
+    def validation_sets(self) -> dict[str, tuple[Any, Any]]:
+        """name -> (dataset, forward) that EveryRankValidation measures on every rank."""
+        return {}
 
     @classmethod
     def check_settings(cls, hparams: dict[str, Any], data: dict[str, Any]) -> None:
@@ -166,7 +166,13 @@ class SearchTrial(_Trial):
         return self._train_loader(self.data.paired, self.data_cfg.num_workers)
 
     def build_validation_data_loader(self) -> DataLoader:
-        return self._eval_loader(self.data.heldout, self.data_cfg.num_workers)
+        return self.eval_loader(self.data.heldout, self.data_cfg.num_workers)
+
+    def validation_sets(self) -> dict[str, tuple[Any, Any]]:
+        if isinstance(self.arch, optimizers.RandomSearch):
+            return {}           # ranks its candidates on the chief (evaluate_full_dataset)
+        weights = self.arch.probabilities()
+        return {"val": (self.data.heldout, lambda x: self.supernet(x, weights))}
 
     def _weight_step(self) -> None:
         clip = self.cfg.grad_clip
@@ -195,14 +201,13 @@ class SearchTrial(_Trial):
             # stored class by class, and its first batches would all be one class.
             n = min(self.arch.settings.eval_batches * self.per_slot, len(self.data.heldout))
             sample = torch.utils.data.Subset(self.data.heldout, sample_indices(len(self.data.heldout), n, self.seed))
-            batches = [self.context.to_device(b) for b in self._eval_loader(sample, 0)]
+            batches = [self.context.to_device(b) for b in self.eval_loader(sample, 0)]
             results = self.arch.select(self.supernet, batches)
             best = self.arch.best
             metrics = {"val_loss": best["loss"], "val_accuracy": best["accuracy"], "candidates": len(results)}
         else:
-            weights = self.arch.probabilities()
-            m = self._evaluate(data_loader, lambda x: self.supernet(x, weights))
-            metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+            m = self.validation.measured["val"]       # on every rank, data_loader unused
+            metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_images": m["images"]}
         self.health.check_validation(metrics["val_loss"])
         metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
         metrics["genotype"] = self.arch.genotype().to_str()
@@ -283,7 +288,6 @@ class RetrainTrial(_Trial):
         self.lr_scheduler = context.wrap_lr_scheduler(
             torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs, cfg.min_learning_rate),
             step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
-        self.test_loader = self._eval_loader(self.data.test, 0)
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
         return self._callbacks()
@@ -295,7 +299,11 @@ class RetrainTrial(_Trial):
         return self._train_loader(self.data.train, self.data_cfg.num_workers)
 
     def build_validation_data_loader(self) -> DataLoader:
-        return self._eval_loader(self.data.val, self.data_cfg.num_workers)
+        return self.eval_loader(self.data.val, self.data_cfg.num_workers)
+
+    def validation_sets(self) -> dict[str, tuple[Any, Any]]:
+        forward = lambda x: self.net(x)[0]  # noqa: E731
+        return {"val": (self.data.val, forward), "test": (self.data.test, forward)}
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         self._begin_step()
@@ -323,12 +331,11 @@ class RetrainTrial(_Trial):
         return metrics
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        forward = lambda x: self.net(x)[0]  # noqa: E731
-        val = self._evaluate(data_loader, forward)
+        val, test = self.validation.measured["val"], self.validation.measured["test"]   # on every rank
         self.health.check_validation(val["loss"])
-        test = self._evaluate(self.test_loader, forward)
-        metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
-                   "test_accuracy": test["accuracy"], **self.size, "genotype": self.genotype.to_str(),
+        metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_images": val["images"],
+                   "test_loss": test["loss"], "test_accuracy": test["accuracy"], **self.size,
+                   "genotype": self.genotype.to_str(),
                    **self.candidate, **self.observer.cost.metrics(self.steps)}
         self.progress.validation(self.steps, metrics)
         return metrics

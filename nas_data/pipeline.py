@@ -137,6 +137,27 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield (base + order[b * self.batch_size:(b + 1) * self.batch_size]).tolist()
 
 
+class ShardBatchSampler(torch.utils.data.Sampler):
+    """One rank's share of an evaluation pass: the dataset cut in order into batches of
+    ``batch_size`` (the last may be short), as one rank would cut it, and every ``world``-th
+    batch from ``rank`` on. ``batch_ids()`` gives their positions in that single-rank order."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1):
+        if batch_size < 1 or not 0 <= rank < world:
+            raise ValueError(f"bad shard: batch size {batch_size}, rank {rank} of {world}")
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+
+    def batch_ids(self) -> range:
+        return range(self.rank, -(-self.n // self.batch_size), self.world)
+
+    def __len__(self) -> int:
+        return len(self.batch_ids())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.batch_ids():
+            yield list(range(b * self.batch_size, min((b + 1) * self.batch_size, self.n)))
+
+
 def sample_indices(n: int, size: int, seed: int) -> np.ndarray:
     """A seeded sample of ``size`` of range(n), in random order (datasets are stored class by
     class: a prefix, or consecutive indices, would be one or two classes)."""

@@ -44,3 +44,40 @@ def worker(rank: int, world: int, init_file: str, method: str, space: str, steps
     if rank == 0:
         torch.save(report, out)
     dist.destroy_process_group()
+
+
+def validation_worker(rank: int, world: int, init_file: str, n: int, batch: int, out: str) -> None:
+    """Each rank measures its shard of a held-out set with the trial's functions; rank 0
+    combines them (the chief's step) and saves the result."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from nas_data import ShardBatchSampler
+    from nas_trial.validation import combine, evaluate_batches
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    net, weights, data = validation_fixture(n)
+    sampler = ShardBatchSampler(n, batch, rank, world)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
+    mine = evaluate_batches(lambda x: net(x, weights), loader, sampler.batch_ids(), lambda b: b)
+    shards = [None] * world
+    dist.all_gather_object(shards, mine)
+    if rank == 0:
+        torch.save({"result": combine(shards), "batches_per_rank": [len(s) for s in shards]}, out)
+    dist.destroy_process_group()
+
+
+def validation_fixture(n: int):
+    """A seeded NAS-Bench-201 supernet in eval mode with non-uniform architecture weights, and
+    ``n`` random labelled images."""
+    import optimizers
+    import search_spaces
+
+    torch.manual_seed(0)
+    net = search_spaces.create("nas-bench-201", C=4, layers=1).eval()
+    arch = optimizers.create("gaea", net, seed=3)
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            p.copy_(torch.softmax(torch.randn(p.shape), -1))
+    g = torch.Generator().manual_seed(7)
+    data = torch.utils.data.TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return net, arch.probabilities(), data

@@ -1,6 +1,8 @@
 """Distributed search: identical architecture weights on every rank after every step, and
 exact resume under 2-process DDP (gloo, CPU)."""
 
+import re
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -48,6 +50,9 @@ def test_ddp_resume_mid_epoch_into_a_new_output_is_exact(tmp_path):
     single = run_model_def(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "s"))
     assert single.returncode == 0, single.stderr[-3000:]
     assert "12 per epoch" in single.stdout and validations(single) == [12, 16]
+    # validation ran on both ranks and covered the held-out half once, as on one process
+    held_out = [re.findall(r"val_images (\d+)", r.stdout) for r in (a, single)]
+    assert held_out[0] == held_out[1] == ["200", "200"]
     assert set(checkpoints(tmp_path / "s")) == set(checkpoints(tmp_path / "a")) == {12, 16}
     for n in (12, 16):
         lr = [load_state(checkpoints(tmp_path / r)[n])["lr_schedulers_state_dict"] for r in ("a", "s")]

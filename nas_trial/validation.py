@@ -1,0 +1,81 @@
+"""Validation on every slot, with the single slot's numbers.
+
+Each rank evaluates its share of a held-out set: the set cut in order into batches as one
+slot cuts it, dealt round-robin (``nas_data.ShardBatchSampler``). The chief adds the
+per-batch sums in batch order, so loss and accuracy equal the single-slot values exactly
+for the same weights, on any number of slots.
+
+Determined 0.38 calls ``evaluate_full_dataset`` on the chief only, after every rank has run
+its callbacks' ``on_validation_start``: ``EveryRankValidation`` measures there, and the
+trial's ``evaluate_full_dataset`` reads ``measured``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import determined as det
+import determined.pytorch  # noqa: F401  (det.pytorch.PyTorchCallback)
+import torch
+import torch.nn.functional as F
+
+from nas_data import ShardBatchSampler
+
+Forward = Callable[[torch.Tensor], torch.Tensor]        # images (B, 3, H, W) -> logits (B, classes)
+
+
+@dataclass(frozen=True)
+class BatchSums:
+    batch: int          # position in the single-slot batch order
+    loss: float         # summed cross-entropy over the batch
+    correct: int
+    count: int
+
+
+def evaluate_batches(forward: Forward, loader, batch_ids, to_device: Callable) -> list[BatchSums]:
+    """Per-batch sums over ``loader``, whose batches sit at ``batch_ids`` in the single-slot
+    order. One host transfer at the end, none per batch."""
+    losses, correct, counts = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            x, y = to_device(batch)
+            logits = forward(x)
+            losses.append(F.cross_entropy(logits.float(), y, reduction="sum"))
+            correct.append((logits.argmax(-1) == y).sum())
+            counts.append(len(y))
+    if not losses:
+        return []
+    return [BatchSums(b, loss, c, n) for b, loss, c, n in
+            zip(batch_ids, torch.stack(losses).tolist(), torch.stack(correct).tolist(), counts)]
+
+
+def combine(shards: list[list[BatchSums]]) -> dict[str, float]:
+    """Every rank's batches back in single-slot order, summed in that order."""
+    batches = sorted((b for shard in shards for b in shard), key=lambda b: b.batch)
+    if [b.batch for b in batches] != list(range(len(batches))) or not batches:
+        raise RuntimeError(f"validation batches missing or repeated: {[b.batch for b in batches]}")
+    loss = 0.0
+    for b in batches:
+        loss += b.loss
+    total = sum(b.count for b in batches)
+    return {"loss": loss / total, "accuracy": sum(b.correct for b in batches) / total, "images": total}
+
+
+class EveryRankValidation(det.pytorch.PyTorchCallback):
+    """Measures the trial's ``validation_sets()`` on every rank before Determined validates;
+    the chief's ``measured`` holds the combined results by set name."""
+
+    def __init__(self, trial: Any):
+        self.trial = trial
+        self.measured: dict[str, dict[str, float]] = {}
+
+    def on_validation_start(self) -> None:
+        trial, dist = self.trial, self.trial.context.distributed
+        self.measured = {}
+        for name, (dataset, forward) in trial.validation_sets().items():
+            sampler = ShardBatchSampler(len(dataset), trial.eval_batch_size, dist.get_rank(), dist.get_size())
+            loader = trial.eval_loader(dataset, trial.data_cfg.num_workers, batch_sampler=sampler)
+            mine = evaluate_batches(forward, loader, sampler.batch_ids(), trial.context.to_device)
+            shards = dist.gather(mine)           # the chief gets every rank's list, the others None
+            if shards is not None:
+                self.measured[name] = combine(shards)
