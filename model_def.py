@@ -156,7 +156,8 @@ class SearchTrial(_Trial):
         self.w_opt = context.wrap_optimizer(torch.optim.SGD(
             supernet.weight_parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
         self.lr_scheduler = context.wrap_lr_scheduler(
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, cfg.epochs, cfg.min_learning_rate),
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, cfg.schedule_epochs or cfg.epochs,
+                                                       cfg.min_learning_rate),
             step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:

@@ -42,6 +42,8 @@ class SearchConfig:
     weight_decay: float = 3e-4
     grad_clip: float = 5.0                    # weight-gradient norm clip (0 disables)
     epochs: int = 50
+    schedule_epochs: Optional[int] = None     # cosine period in epochs, >= epochs (null: epochs); a longer one
+                                              # stops part-way down, as the reference NAS-Bench-201 search does
     arch_warmup_epochs: int = 0               # epochs of weight training before the architecture moves (PC-DARTS: 15)
     seed: int = 0
     validate_every: int = 1                   # epochs between validations (cluster runs)
@@ -68,6 +70,8 @@ class SearchConfig:
             from_mapping(optimizers.get(name).Settings, settings, f"architecture optimizer {name!r}")
         if self.global_batch_size < 1 or self.epochs < 1 or self.validate_every < 1 or self.checkpoint_every < 1:
             raise ValueError("global_batch_size, epochs, validate_every and checkpoint_every must be >= 1")
+        if self.schedule_epochs is not None and self.schedule_epochs < self.epochs:
+            raise ValueError(f"schedule_epochs must be >= epochs ({self.epochs}) or null, got {self.schedule_epochs}")
         if not 0 <= self.arch_warmup_epochs < self.epochs:
             raise ValueError(f"arch_warmup_epochs must be in [0, epochs) = [0, {self.epochs}), "
                              f"got {self.arch_warmup_epochs}")

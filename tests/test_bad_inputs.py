@@ -96,6 +96,8 @@ CASES = [
     ("negative arch lr", "{search} --set optimizer_args.gaea.lr=-1", "gaea: lr and edge_lr must be >= 0"),
     ("unknown precision", "{search} --set precision=fp8", "unknown precision 'fp8'"),
     ("warm-up too long", "{search} --set arch_warmup_epochs=5", "arch_warmup_epochs must be in [0, epochs)"),
+    ("schedule shorter than the run", "{search} --set schedule_epochs=1 --set epochs=3",
+     "schedule_epochs must be >= epochs (3) or null, got 1"),
     ("bilevel not boolean", "{search} --set bilevel=maybe", "bilevel' must be true or false"),
     ("unknown range type", "{search} --set learning_rate={{\"type\":\"foo\"}}", "unknown type 'foo'"),
     # data

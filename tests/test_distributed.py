@@ -1,6 +1,7 @@
 """Distributed search: identical architecture weights on every rank after every step, and
 exact resume under 2-process DDP (gloo, CPU)."""
 
+import math
 import re
 
 import pytest
@@ -34,7 +35,7 @@ def test_ddp_resume_mid_epoch_into_a_new_output_is_exact(tmp_path):
 
     cfg = write_config(tmp_path / "exp.yaml",
                        {"global_batch_size": 16, "space": "nas-bench-201", "space_args": {"C": 4, "layers": 1},
-                        "optimizer": "gaea", "epochs": 2, "learning_rate": 0.05},
+                        "optimizer": "gaea", "epochs": 2, "schedule_epochs": 4, "learning_rate": 0.05},
                        {"dataset": "digits", "subset": 400})
     a = run_model_def(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "a"), nproc=2)
     assert a.returncode == 0, a.stderr[-3000:]
@@ -57,6 +58,11 @@ def test_ddp_resume_mid_epoch_into_a_new_output_is_exact(tmp_path):
     for n in (12, 16):
         lr = [load_state(checkpoints(tmp_path / r)[n])["lr_schedulers_state_dict"] for r in ("a", "s")]
         assert lr[0] == lr[1]
+    # the cosine runs over schedule_epochs (4) and stops part-way down after epochs (2)
+    lr16 = load_state(checkpoints(tmp_path / "s")[16])["lr_schedulers_state_dict"]
+    lr16 = lr16[0] if isinstance(lr16, list) else lr16
+    assert lr16["T_max"] == 4
+    assert lr16["_last_lr"][0] == pytest.approx(0.001 + (0.05 - 0.001) * (1 + math.cos(math.pi / 4)) / 2)
 
 
 NO_FIRST_INPUT = ("Genotype(normal=[('sep_conv_3x3', 1), ('max_pool_3x3', 1), ('sep_conv_3x3', 2), ('skip_connect', 1), "

@@ -151,3 +151,17 @@ def test_trial_of_each_point_trains_one_batch(tmp_path, path, point):
                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "finished at batch 1" in proc.stdout and "validation at step 1" in proc.stdout
+
+
+REFERENCE_NB201 = {  # liamcli/gaea_release: configs/cnn/mode/search_nasbench201.yaml, edarts method, README command
+    "global_batch_size": 64, "space_args": {"C": 24, "layers": 5, "exclude_none": True}, "optimizer": "gaea",
+    "optimizer_args": {"gaea": {"lr": 0.1}}, "bilevel": False, "learning_rate": 0.025, "min_learning_rate": 0.001,
+    "momentum": 0.9, "weight_decay": 3.0e-4, "grad_clip": 5.0, "epochs": 25, "schedule_epochs": 50}
+
+
+@pytest.mark.parametrize("path", [p for p in EXPERIMENTS if p.stem.startswith("search-gaea-nb201")], ids=lambda p: p.stem)
+def test_nb201_searches_follow_the_reference_protocol(path):
+    """The README's 'Protocol fidelity' table: what it calls 'the same' is in the YAMLs."""
+    hp = load_config(path)["hyperparameters"]
+    assert {k: hp[k] for k in REFERENCE_NB201} == REFERENCE_NB201
+    assert SearchConfig.from_hparams(hp).schedule_epochs == 50
