@@ -12,6 +12,7 @@ experiment's entrypoint). Local, no cluster: ``python model_def.py experiments/<
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +33,7 @@ from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, resume_settings, write_json
+from nas_trial.train_metrics import DeviceMeans
 from nas_trial.validation import EveryRankValidation
 from optimizers.search import search_step, unreachable_parameters, zero_touch
 
@@ -61,6 +63,7 @@ class _Trial(PyTorchTrial):
         self.faults = Faults()              # NAS_FAULT_KILL (kill tests)
         self.health = Health(self, advice)
         self.validation = EveryRankValidation(self)     # every rank measures, the chief reports
+        self.step_means = context.wrap_reducer(DeviceMeans(), for_validation=False)   # loss etc., on the device
         self.eval_batch_size = self.per_slot * self.world   # batches as one slot cuts them
         self.settings = resume_settings(context.get_hparams(), context.get_data_config())
 
@@ -78,11 +81,16 @@ class _Trial(PyTorchTrial):
         if INTERRUPT.requested and self.world == 1:
             raise det.pytorch._ShouldExit()
 
-    def _end_step(self, finite: torch.Tensor, what: str, metrics: dict[str, Any]) -> None:
+    def _end_step(self, finite: torch.Tensor, what: str, on_device: dict[str, Any],
+                  numbers: dict[str, float]) -> dict[str, float]:
+        """After a step: its device tensors go to ``step_means`` (no host sync); Determined
+        gets the plain numbers."""
         self.steps += 1
+        self.step_means.update(on_device)
         self.health.record(self.steps, what, finite)
-        self.progress.step(self.steps, metrics)
+        self.progress.step(self.steps, {**on_device, **numbers})
         self.faults.hit("step", self.steps)
+        return numbers
 
     def _train_loader(self, dataset, num_workers: int) -> DataLoader:
         sampler = EpochBatchSampler(len(dataset), self.per_slot, seed=self.seed, world=self.world)
@@ -95,7 +103,8 @@ class _Trial(PyTorchTrial):
         if batch_sampler is None:
             batch_sampler = ShardBatchSampler(len(dataset), self.eval_batch_size)
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator())
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                          persistent_workers=num_workers > 0)
 
     def validation_sets(self) -> dict[str, tuple[Any, Any]]:
         """name -> (dataset, forward) that EveryRankValidation measures on every rank."""
@@ -190,11 +199,9 @@ class SearchTrial(_Trial):
                              autocast=PRECISIONS[self.cfg.precision],
                              update_arch=self.steps >= self.cfg.arch_warmup_epochs * self.epoch_len,
                              check_finite=False)
-        metrics = {"loss": result.loss, "train_accuracy": result.accuracy, "lr": self.w_opt.param_groups[0]["lr"]}
-        if result.arch_loss is not None:
-            metrics["arch_loss"] = result.arch_loss
-        self._end_step(result.finite, "the training loss, the architecture loss or an architecture gradient", metrics)
-        return metrics
+        return self._end_step(result.finite, "the training loss, the architecture loss or an architecture gradient",
+                              {"loss": result.loss, "train_accuracy": result.accuracy, "arch_loss": result.arch_loss},
+                              {"lr": self.w_opt.param_groups[0]["lr"]})
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         if isinstance(self.arch, optimizers.RandomSearch):
@@ -281,6 +288,14 @@ class RetrainTrial(_Trial):
         self.size = {"params": search_spaces.count_parameters(net),
                      "params_with_auxiliary": search_spaces.count_parameters(net, include_auxiliary=True),
                      "macs": search_spaces.count_macs(net, (1, c, h, w))}
+        # speed options, before DDP wraps the network (its buckets follow the parameters' layout)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        net.to(memory_format=self.memory_format)
+        if cfg.compile:
+            net.compile()
+        if context.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        self.autocast = PRECISIONS[cfg.precision]
         self.net = net
         self.model = context.wrap_model(net)
         self.opt = context.wrap_optimizer(torch.optim.SGD(
@@ -302,8 +317,16 @@ class RetrainTrial(_Trial):
     def build_validation_data_loader(self) -> DataLoader:
         return self.eval_loader(self.data.val, self.data_cfg.num_workers)
 
+    def _precision(self):
+        """The forward's autocast (``precision: bf16``), or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.context.device.type, dtype=self.autocast)
+
     def validation_sets(self) -> dict[str, tuple[Any, Any]]:
-        forward = lambda x: self.net(x)[0]  # noqa: E731
+        def forward(x):
+            with self._precision():
+                return self.net(x.contiguous(memory_format=self.memory_format))[0]
         return {"val": (self.data.val, forward), "test": (self.data.test, forward)}
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
@@ -312,10 +335,12 @@ class RetrainTrial(_Trial):
         x, y = batch
         # drop path ramps linearly from 0 over the run (by our own step count: resume-safe)
         self.net.drop_path_prob = cfg.drop_path_prob * (self.steps // self.epoch_len) / cfg.epochs
-        logits, aux = self.model(x)
+        with self._precision():
+            logits, aux = self.model(x.contiguous(memory_format=self.memory_format))
+        logits = logits.float()
         loss = F.cross_entropy(logits, y)
         if aux is not None and cfg.auxiliary_weight:
-            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux, y)
+            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux.float(), y)
         if self.world > 1 and self.unused is None:
             # e.g. a cell with no edge from its first input: DDP (find_unused_parameters=False)
             # needs a gradient for every parameter; the set is fixed by the genotype
@@ -326,10 +351,9 @@ class RetrainTrial(_Trial):
         clip = cfg.grad_clip
         self.context.step_optimizer(
             self.opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)
-        metrics = {"loss": loss.detach(), "train_accuracy": (logits.argmax(-1) == y).float().mean(),
-                   "lr": self.opt.param_groups[0]["lr"], "drop_path_prob": self.net.drop_path_prob}
-        self._end_step(torch.isfinite(loss.detach()), "the training loss", metrics)
-        return metrics
+        return self._end_step(torch.isfinite(loss.detach()), "the training loss",
+                              {"loss": loss.detach(), "train_accuracy": (logits.argmax(-1) == y).float().mean()},
+                              {"lr": self.opt.param_groups[0]["lr"], "drop_path_prob": self.net.drop_path_prob})
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         val, test = self.validation.measured["val"], self.validation.measured["test"]   # on every rank

@@ -121,6 +121,11 @@ class RetrainConfig:
     validate_every: int = 1
     checkpoint_every: int = 10
     candidates: Optional[list] = None          # provenance of the cells a candidates experiment retrains
+    precision: str = "fp32"                    # fp32 | bf16 (autocast, training and validation: changes numerics)
+    channels_last: bool = False                # memory format of the network and its input (same math)
+    compile: bool = False                      # torch.compile the network (same math)
+    cudnn_benchmark: bool = False              # CUDA: cuDNN times its kernels and keeps the fastest (not bitwise
+                                               # reproducible from run to run)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "RetrainConfig":
@@ -143,6 +148,8 @@ class RetrainConfig:
             raise ValueError(f"drop_path_prob must be in [0, 1), got {cfg.drop_path_prob}")
         if cfg.cutout < 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0 or cfg.auxiliary_weight < 0:
             raise ValueError("cutout, weight_decay, grad_clip and auxiliary_weight must be >= 0")
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
         if cfg.variant not in ("cifar", "imagenet"):
             raise ValueError(f"unknown variant {cfg.variant!r}; valid variants: cifar, imagenet")
         if cfg.candidates is not None and not (isinstance(cfg.candidates, list) and all(

@@ -68,13 +68,16 @@ class EveryRankValidation(det.pytorch.PyTorchCallback):
     def __init__(self, trial: Any):
         self.trial = trial
         self.measured: dict[str, dict[str, float]] = {}
+        self._loaders: dict[str, tuple[Any, ShardBatchSampler]] = {}   # built once: workers persist
 
     def on_validation_start(self) -> None:
         trial, dist = self.trial, self.trial.context.distributed
         self.measured = {}
         for name, (dataset, forward) in trial.validation_sets().items():
-            sampler = ShardBatchSampler(len(dataset), trial.eval_batch_size, dist.get_rank(), dist.get_size())
-            loader = trial.eval_loader(dataset, trial.data_cfg.num_workers, batch_sampler=sampler)
+            if name not in self._loaders:
+                sampler = ShardBatchSampler(len(dataset), trial.eval_batch_size, dist.get_rank(), dist.get_size())
+                self._loaders[name] = trial.eval_loader(dataset, trial.data_cfg.num_workers, sampler), sampler
+            loader, sampler = self._loaders[name]
             mine = evaluate_batches(forward, loader, sampler.batch_ids(), trial.context.to_device)
             shards = dist.gather(mine)           # the chief gets every rank's list, the others None
             if shards is not None:

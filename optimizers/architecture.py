@@ -213,21 +213,23 @@ class Gdas(Darts):
     def _log_probs(self, ops: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(ops, dim=-1)
 
-    def _sample(self, ops: torch.Tensor, detach: bool) -> CellWeights:
-        logp = self._log_probs(_maybe_detach(ops, detach))
-        u = torch.rand(ops.shape, generator=self.generator, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-12)))      # (edges, ops), on the CPU
-        index = (logp.detach().double().cpu() + gumbel).argmax(-1)        # the same choice on every rank
-        soft = F.softmax((logp + gumbel.to(ops.device, ops.dtype)) / self.tau, dim=-1)
-        hard = F.one_hot(index.to(ops.device), ops.shape[-1]).to(ops.dtype)
-        return CellWeights(hard - soft.detach() + soft, active=tuple((int(k),) for k in index))
-
     def weights(self, detach: bool = False) -> Weights:
+        """One sample per call: the ops to run are chosen on the host (the supernet computes
+        only those), from one device-to-host copy of all cell types' log-probabilities."""
+        tensors = self._tensors()
+        logps = {ct: self._log_probs(_maybe_detach(ops, detach)) for ct, (ops, _) in tensors.items()}
+        on_host = torch.cat([lp.detach().double().flatten() for lp in logps.values()]).cpu().split(
+            [lp.numel() for lp in logps.values()])                          # the one host sync
         out = {}
-        for ct, (ops, edges) in self._tensors().items():
-            cw = self._sample(ops, detach)
-            cw.edges = self._edges(edges, detach)
-            out[ct] = cw
+        for (ct, (ops, edges)), lp_host in zip(tensors.items(), on_host):
+            logp = logps[ct]
+            u = torch.rand(ops.shape, generator=self.generator, dtype=torch.float64)
+            gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-12)))      # (edges, ops), on the CPU
+            index = (lp_host.view(ops.shape) + gumbel).argmax(-1)           # the same choice on every rank
+            soft = F.softmax((logp + gumbel.to(ops.device, ops.dtype)) / self.tau, dim=-1)
+            hard = F.one_hot(index.to(ops.device), ops.shape[-1]).to(ops.dtype)
+            out[ct] = CellWeights(hard - soft.detach() + soft, self._edges(edges, detach),
+                                  active=tuple((int(k),) for k in index))
         return out
 
     @torch.no_grad()

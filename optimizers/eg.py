@@ -45,6 +45,8 @@ class ExponentiatedGradient(Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._check_row_length(p, group["floor"])
+                if p.device.type == "meta":     # no values to check (shape-only runs)
+                    continue
                 if not (p.detach() >= 0).all() or not torch.allclose(
                         p.detach().sum(-1), torch.ones((), dtype=p.dtype, device=p.device), atol=1e-4):
                     raise ValueError("ExponentiatedGradient parameters must hold rows on the probability simplex "

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,7 @@ def zero_touch(loss: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tens
     return loss + sum(p.reshape(-1)[0] for p in params) * 0.0
 
 
-def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, compile: bool = False,
+def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, compile: Union[bool, str] = False,
                      device: Optional[torch.device] = None) -> nn.Module:
     """Apply the speed options that change no math, for the device the supernet will run on
     (``device``, by default the one it is on now). Call it before wrapping the supernet in
@@ -91,13 +91,15 @@ def prepare_supernet(supernet: nn.Module, channels_last: Optional[bool] = None, 
     gives its input too. ``None`` picks the supernet's own preference for that device
     (``cpu_channels_last``: NAS-Bench-201's dense convolutions run about twice as fast in
     oneDNN's channels-last layout; the DARTS space's 4-16-channel depthwise ops do not).
-    ``compile``: ``torch.compile`` of the forward."""
+    ``compile``: ``torch.compile`` of the forward (a string: that backend, e.g. ``"eager"``).
+    The forward's control flow does not depend on the architecture weights' values, so it
+    compiles once (twice for bilevel search: the architecture and the weight forward)."""
     if channels_last is None:
         device = torch.device(device) if device is not None else next(supernet.parameters()).device
         channels_last = device.type == "cpu" and getattr(supernet, "cpu_channels_last", False)
     supernet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if compile:
-        supernet.compile()
+        supernet.compile(**({"backend": compile} if isinstance(compile, str) else {}))
     return supernet
 
 

@@ -10,8 +10,8 @@ from torch import nn
 
 from .arch import CellWeights
 from .genotypes import DartsGenotype, derive_darts
-from .fast_ops import like_layout
-from .mixed import CellInputs, EdgeGroup, EdgeInput, MixedEdge, accumulate
+from .layout import like_layout
+from .mixed import EdgeGroup, EdgeInput, MixedEdge, PreparedCellWeights, accumulate
 from .ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, create_op
 
 
@@ -61,7 +61,7 @@ class SearchCell(nn.Module):
         self.pass_pool = nn.MaxPool2d(2, 2) if reduction and partial_channels > 1 else None
         self.groups = edge_groups(nodes)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: CellInputs) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: PreparedCellWeights) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         B, C, H, W = states[1].shape
         out_hw = (H // 2, W // 2) if self.reduction else (H, W)
@@ -117,8 +117,11 @@ class DartsSupernet(nn.Module):
         self.nodes, self.multiplier = nodes, multiplier
         self.n_edges = nodes * (nodes + 3) // 2
         self.edge_normalization = edge_normalization
-        self._index_cache: dict = {}
-        self.edge_groups = [[e for _, e in pairs] for pairs in edge_groups(nodes)]
+        groups = [[e for _, e in pairs] for pairs in edge_groups(nodes)]
+        self.group_sizes = tuple(len(g) for g in groups)
+        # the edges in group order, on the supernet's device (a buffer: no host copy in forward,
+        # and nothing created lazily for torch.compile to guard on)
+        self.register_buffer("edge_order", torch.tensor([e for g in groups for e in g]), persistent=False)
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_prev, C_curr = C_curr, C_curr, C
@@ -170,7 +173,7 @@ class DartsSupernet(nn.Module):
             cw = weights[ct]
             if self.edge_normalization and cw.edges is None:
                 raise ValueError("this supernet uses edge normalization: CellWeights.edges is required")
-            prepared[ct] = CellInputs(cw, self.none_index, self.edge_groups, self._index_cache)
+            prepared[ct] = PreparedCellWeights(cw, self.none_index, self.edge_order, self.group_sizes)
         s0 = s1 = self.stem(like_layout(x, self.stem[0].weight))
         for cell in self.cells:
             s0, s1 = s1, cell(s0, s1, prepared["reduce" if cell.reduction else "normal"])

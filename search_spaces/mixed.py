@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Active, CellWeights
-from .fast_ops import AvgPool3x3, MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms
+from .cpu_kernels import AvgPool3x3
+from .fused_ops import MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms
 from .ops import DilConv, FactorizedReduce, SepConv, create_op, shifted_by_one
 
 
@@ -50,21 +51,26 @@ class EdgeInput:
 Weight = Union[torch.Tensor, float]
 
 
+def takes_grad(w: Weight) -> bool:
+    """An architecture weight the step differentiates (else a constant of this step)."""
+    return isinstance(w, torch.Tensor) and w.requires_grad
+
+
 def accumulate(acc: Optional[torch.Tensor], y: torch.Tensor, w: Weight) -> torch.Tensor:
-    """``acc + w * y``: with a plain-number weight (no architecture gradient wanted) in one
-    in-place kernel that saves nothing for backward."""
+    """``acc + w * y``: with a weight that takes no gradient, in one in-place kernel that
+    saves nothing but ``w`` for backward."""
     if acc is None:
         return y * w
     if isinstance(w, float):
         return acc.add_(y, alpha=w)
+    if not w.requires_grad:
+        return acc.addcmul_(y, w)
     return acc + w * y
 
 
 def as_weights(t: torch.Tensor) -> list:
-    """``t``'s entries nested like ``t.tolist()``: tensor views when gradients flow to them,
-    else plain numbers (one host transfer)."""
-    if not t.requires_grad:
-        return t.tolist()
+    """``t``'s entries nested like ``t.tolist()``, as 0-dim views on its device: no host
+    transfer (a weight that takes no gradient is still a tensor)."""
     return [as_weights(row) for row in t.unbind(0)] if t.dim() > 1 else list(t.unbind(0))
 
 
@@ -95,7 +101,7 @@ class MixedEdge(nn.Module):
         out = None
         for k in active:
             op, wk = self.ops[k], w[k]
-            if isinstance(wk, torch.Tensor) and hasattr(op, "scaled"):  # the weight fused into the op's norm
+            if takes_grad(wk) and hasattr(op, "scaled"):  # the weight fused into the op's norm
                 y = op.scaled(inp.x, inp.relu, wk)
                 out = y if out is None else out + y
                 continue
@@ -207,23 +213,19 @@ class EdgeGroup:
         return out
 
 
-class CellInputs:
-    """What the cells of one type consume, prepared once per forward for all of them: per
-    cell input j (a cell input or a node), the weights (E_j, ops) of the edges leaving it,
-    in the order of ``groups[j]`` (edge indices), each edge's op weights times its edge
-    weight when there are edge weights; per node the edge weights as they are (PC-DARTS
-    weights the channels that bypass the ops with them); per edge the ops to compute."""
+class PreparedCellWeights:
+    """The architecture weights of one cell type as its cells consume them, prepared once per
+    forward for all of them: per cell input j (a cell input or a node), the weights (E_j, ops)
+    of the edges leaving it, in the order of the supernet's edge groups, each edge's op
+    weights times its edge weight when there are edge weights; per node the edge weights as
+    they are (PC-DARTS weights the channels that bypass the ops with them); per edge the ops
+    to compute. ``order`` holds the edge indices group after group, ``sizes`` the group sizes."""
 
-    def __init__(self, cw: CellWeights, none_index: Optional[int], groups: Sequence[Sequence[int]],
-                 index_cache: Optional[dict] = None):
+    def __init__(self, cw: CellWeights, none_index: Optional[int], order: torch.Tensor, sizes: Sequence[int]):
         w = cw.ops                                                                   # (edges, ops)
         if cw.edges is not None:
             w = w * torch.cat(list(cw.edges))[:, None]  # edges are numbered node by node, inputs in order
-        index_cache = {} if index_cache is None else index_cache
-        key = (tuple(map(tuple, groups)), w.device)
-        if key not in index_cache:
-            index_cache[key] = torch.tensor([e for g in groups for e in g], device=w.device)
-        self.by_input: list[torch.Tensor] = list(w.index_select(0, index_cache[key]).split([len(g) for g in groups]))
+        self.by_input: list[torch.Tensor] = list(w.index_select(0, order).split(list(sizes)))
         self.betas: Optional[Sequence[Sequence[Weight]]] = (
             None if cw.edges is None else [as_weights(e) for e in cw.edges])
         self.active: Active = cw.resolve_active(none_index)

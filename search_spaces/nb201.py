@@ -11,7 +11,7 @@ from torch import nn
 
 from .arch import CellWeights
 from .mixed import EdgeInput, MixedEdge, Weight, unpack
-from .fast_ops import like_layout
+from .layout import like_layout
 from .genotypes import NB201Genotype, derive_nb201
 from .ops import NB201_OPS, ReLUConvBN, create_op
 

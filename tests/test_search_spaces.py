@@ -165,7 +165,7 @@ def test_pc_darts_cell_matches_the_published_formulation(reduction, train, sampl
     together, fused weight-times-norm kernels), the gradients too; with dense weights and
     with one sampled op per edge (GDAS: different edges of a group run different ops)."""
     from search_spaces.darts import SearchCell, edge_groups
-    from search_spaces.mixed import CellInputs
+    from search_spaces.mixed import PreparedCellWeights
     torch.manual_seed(1)
     cell = SearchCell(16, 16, 16, reduction, False, DARTS_OPS, nodes=4, multiplier=4, partial_channels=4).double()
     cell.train(train)
@@ -177,7 +177,8 @@ def test_pc_darts_cell_matches_the_published_formulation(reduction, train, sampl
     edge_w = [torch.softmax(torch.randn(i + 2, dtype=torch.float64), -1).requires_grad_(train) for i in range(4)]
     with torch.set_grad_enabled(train):
         groups = [[e for _, e in pairs] for pairs in edge_groups(4)]
-        out = cell(s0, s1, CellInputs(CellWeights(op_w, edge_w), 0, groups))
+        order = torch.tensor([e for g in groups for e in g])
+        out = cell(s0, s1, PreparedCellWeights(CellWeights(op_w, edge_w), 0, order, [len(g) for g in groups]))
         states = [cell.preprocess0(s0), cell.preprocess1(s1)]
         for node in range(4):
             states.append(_reference_pc_node(cell, states, op_w, edge_w, node))

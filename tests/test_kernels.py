@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.fast_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3, scaled_batch_norm
+from search_spaces.cpu_kernels import AvgPool3x3
+from search_spaces.fused_ops import Conv2d, DepthwiseConv2d, MaxPool3x3, scaled_batch_norm
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -61,7 +62,7 @@ def test_scaled_batch_norm_matches_bn_times_weight():
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_scaled_conv_batch_norm_recomputes_the_convolution(k):
-    from search_spaces.fast_ops import scaled_conv_batch_norm
+    from search_spaces.fused_ops import scaled_conv_batch_norm
     conv = Conv2d(4, 4, k, padding=k // 2, bias=False).double().requires_grad_(False)  # architecture step
     bn_a, bn_b = nn.BatchNorm2d(4, affine=False).double(), nn.BatchNorm2d(4, affine=False).double()
     r = torch.randn(3, 4, 6, 6, dtype=torch.float64).relu().requires_grad_()
@@ -80,7 +81,7 @@ def test_scaled_conv_batch_norm_recomputes_the_convolution(k):
 
 @pytest.mark.parametrize("channels", [4, 24])   # channels-last inside for few channels, NCHW otherwise
 def test_conv_batch_norm_recomputes_the_1x1_convolution(channels):
-    from search_spaces.fast_ops import conv_batch_norm
+    from search_spaces.fused_ops import conv_batch_norm
     conv = Conv2d(channels, 6, 1, bias=False).double()
     ref_conv = nn.Conv2d(channels, 6, 1, bias=False).double()
     ref_conv.load_state_dict(conv.state_dict())
@@ -129,7 +130,7 @@ def test_supernet_trains_under_bf16_autocast(space, kw):
 def test_edge_norms_match_one_norm_per_edge(layout, E, repeat):
     """E edges' norms as one kernel (z repeated for edges reading one input) against
     ``w[e] * bn_e(z_e)`` edge by edge: outputs, gradients and running statistics."""
-    from search_spaces.fast_ops import edge_norms
+    from search_spaces.fused_ops import edge_norms
     torch.manual_seed(0)
     C = 4
     z = torch.randn(6, C * E // repeat, 5, 5).contiguous(memory_format=layout).requires_grad_()
@@ -175,7 +176,7 @@ def test_memory_format_changes_no_gradient(space, kw):
 def test_edge_pointwise_convolutions_match_grouped_conv(groups, weight_grad):
     """E edges' 1x1 convolutions as one grouped convolution (a batched matrix product on CPU)
     followed by their norms and op weights, against ``F.conv2d(groups=E)`` and ``w[e] * bn_e``."""
-    from search_spaces.fast_ops import edge_conv1x1_norms
+    from search_spaces.fused_ops import edge_conv1x1_norms
     torch.manual_seed(0)
     q = 4
     u = torch.randn(3, groups * q, 5, 5, dtype=torch.float64, requires_grad=True)
