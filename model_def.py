@@ -288,6 +288,8 @@ class RetrainTrial(_Trial):
         self.size = {"params": search_spaces.count_parameters(net),
                      "params_with_auxiliary": search_spaces.count_parameters(net, include_auxiliary=True),
                      "macs": search_spaces.count_macs(net, (1, c, h, w))}
+        if hasattr(net, "drop_path_enabled"):   # fixed for the run: the forward's control flow stays static
+            net.drop_path_enabled = cfg.drop_path_prob > 0
         # speed options, before DDP wraps the network (its buckets follow the parameters' layout)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         net.to(memory_format=self.memory_format)

@@ -12,9 +12,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .layout import is_channels_last
 
 _ENABLED = True
 
@@ -36,17 +34,14 @@ def disabled() -> Iterator[None]:
         _ENABLED = before
 
 
-# Up to this many channels, CPU convolutions of NCHW tensors run in channels-last. With the
-# edges leaving a node computed together (12-64 channels per convolution), an interleaved A/B
-# of the PC-DARTS step measured 0 / 4 / 8 / 12 / 16: 2.57 / 2.52 / 2.48 / 2.56 s, and 16 was
-# slower than 0 (2.81 vs 2.65 s).
+# Up to this many channels, CPU convolutions of NCHW tensors run in channels-last (the value
+# was chosen by an interleaved A/B of the PC-DARTS step: benchmarks/README.md, "CPU kernels").
 SMALL_CHANNELS = 8
 
 
 def small_nchw(x: torch.Tensor) -> bool:
     """oneDNN pads NCHW tensors of few channels to a 16-channel blocked layout and reorders
-    both ways on every call (PC-DARTS's 4-channel 32x32 convolutions took 0.55-0.75 ms each in
-    a search step); in channels-last it computes on them directly."""
+    both ways on every call; in channels-last it computes on them directly."""
     return enabled(x) and x.dim() == 4 and x.shape[1] <= SMALL_CHANNELS and x.is_contiguous()
 
 
@@ -136,28 +131,21 @@ def _window_counts(H: int, W: int, stride: int, like: torch.Tensor) -> torch.Ten
     return F.avg_pool2d(ones, 3, stride, 1, count_include_pad=True) * 9.0
 
 
-class AvgPool3x3(nn.Module):
-    """``avg_pool2d(x, 3, stride, padding=1, count_include_pad=False)``."""
-
-    def __init__(self, stride: int):
-        super().__init__()
-        self.stride = stride
-        self._counts: dict = {}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not enabled(x) or is_channels_last(x):  # the native kernel is fast there
-            return F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
-        H, W = x.shape[-2:]
-        key = (H, W, x.dtype)
-        if key not in self._counts:
-            self._counts[key] = _window_counts(H, W, 1, x)
-        xp = F.pad(x, (1, 1, 1, 1))
-        rows = xp[..., :-2] + xp[..., 1:-1] + xp[..., 2:]                 # (B, C, H+2, W): horizontal sums
-        box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]   # (B, C, H, W): 3x3 sums
-        out = box / self._counts[key]
-        if self.stride > 1:
-            out = out[..., :: self.stride, :: self.stride].contiguous()
-        return out
+def avg3x3(x: torch.Tensor, stride: int, counts: dict) -> torch.Tensor:
+    """``avg_pool2d(x, 3, stride, 1, count_include_pad=False)`` as a separable box sum divided
+    by the window counts (cached in ``counts`` by size and dtype): faster than oneDNN's kernel
+    on NCHW tensors, and it keeps only the counts for backward."""
+    H, W = x.shape[-2:]
+    key = (H, W, x.dtype)
+    if key not in counts:
+        counts[key] = _window_counts(H, W, 1, x)
+    xp = F.pad(x, (1, 1, 1, 1))
+    rows = xp[..., :-2] + xp[..., 1:-1] + xp[..., 2:]                 # (B, C, H+2, W): horizontal sums
+    box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]   # (B, C, H, W): 3x3 sums
+    out = box / counts[key]
+    if stride > 1:
+        out = out[..., ::stride, ::stride].contiguous()
+    return out
 
 
 def max3x3(x: torch.Tensor, stride: int) -> torch.Tensor:

@@ -187,8 +187,9 @@ class DartsSupernet(nn.Module):
 
 
 # ------------------------------------------------------------------ evaluation networks
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """Zero whole samples of a branch with probability ``drop_prob`` (scaling the rest)."""
+def drop_path(x: torch.Tensor, drop_prob: torch.Tensor | float) -> torch.Tensor:
+    """Zero whole samples of a branch with probability ``drop_prob`` (scaling the rest); at 0
+    the branch passes unchanged."""
     keep = 1.0 - drop_prob
     mask = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
     return x * mask / keep
@@ -210,7 +211,7 @@ class Cell(nn.Module):
         self.ops = nn.ModuleList(create_op(op, C, 2 if reduction and j < 2 else 1) for op, j in edges)
         self.multiplier = len(self.concat)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: Optional[torch.Tensor]) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for i in range(len(self.ops) // 2):
             s = None
@@ -218,7 +219,7 @@ class Cell(nn.Module):
                 if self.op_names[k] == "none":
                     continue
                 h = self.ops[k](states[self.inputs[k]])
-                if self.training and drop_prob > 0 and not isinstance(self.ops[k], nn.Identity):
+                if self.training and drop_prob is not None and not isinstance(self.ops[k], nn.Identity):
                     h = drop_path(h, drop_prob)
                 s = h if s is None else s + h
             if s is None:
@@ -251,10 +252,23 @@ class DartsNetwork(nn.Module):
     ``variant='imagenet'``: the stride-4 stem (two stride-2 convs, then a stride-2 cell input),
     for 224x224 inputs (DARTS ImageNet: C=48, 14 cells).
     ``forward`` returns ``(logits, aux_logits)``; ``aux_logits`` is None outside training or
-    without the auxiliary head. ``drop_path_prob`` is an attribute the trainer ramps.
+    without the auxiliary head. ``drop_path_prob`` is an attribute the trainer ramps; its value
+    lives in a buffer and ``drop_path_enabled`` (set once, true when any value is above 0)
+    decides the control flow, so a compiled forward does not recompile as it ramps.
     """
 
     space = "darts"
+
+    @property
+    def drop_path_prob(self) -> float:
+        return self._drop_path_prob
+
+    @drop_path_prob.setter
+    def drop_path_prob(self, p: float) -> None:
+        self._drop_path_prob = float(p)
+        self.drop_path_enabled = self.drop_path_enabled or p > 0
+        with torch.no_grad():
+            self.drop_prob.fill_(p)        # in place: no new tensor, no host-to-device copy
 
     def __init__(self, genotype: DartsGenotype, C: int = 36, num_classes: int = 10, layers: int = 20,
                  auxiliary: bool = True, drop_path_prob: float = 0.0, variant: str = "cifar", in_channels: int = 3):
@@ -266,6 +280,8 @@ class DartsNetwork(nn.Module):
         if C < 1:
             raise ValueError(f"C must be >= 1, got {C}")
         self.genotype = genotype
+        self.register_buffer("drop_prob", torch.zeros(()), persistent=False)
+        self.drop_path_enabled = False
         self.drop_path_prob = drop_path_prob
         self.aux_index = 2 * layers // 3
         imagenet = variant == "imagenet"
@@ -305,7 +321,7 @@ class DartsNetwork(nn.Module):
             s0 = s1 = self.stem(x)
         aux = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            s0, s1 = s1, cell(s0, s1, self.drop_prob if self.drop_path_enabled else None)
             if i == self.aux_index and self.auxiliary_head is not None and self.training:
                 aux = self.auxiliary_head(s1)
         logits = self.classifier(self.global_pooling(s1).flatten(1))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .cpu_kernels import (conv2d, conv2d_input, depthwise_weight_grad, grouped_pointwise, max3x3,
+from .cpu_kernels import (avg3x3, conv2d, conv2d_input, depthwise_weight_grad, grouped_pointwise, max3x3,
                           pointwise_backward, small_nchw)
 from .layout import fold_channels, is_channels_last, memory_format_of, repeat_channels
 
@@ -276,6 +276,39 @@ def edge_conv1x1_norms(u: torch.Tensor, weight: torch.Tensor, bns, w=None, group
 
 
 # -- pooling and depthwise convolutions that keep less for backward -----------------------
+class _AvgPool(torch.autograd.Function):
+    """3x3 average pooling (padding 1, padded pixels not counted) keeping nothing for
+    backward but its input's shape (the native op keeps the input itself)."""
+
+    @staticmethod
+    def forward(ctx, x, stride):
+        ctx.conf = (x.shape, memory_format_of(x), stride)
+        return F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, fmt, s = ctx.conf
+        like = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=fmt)   # shape only
+        return torch.ops.aten.avg_pool2d_backward(grad, like, [3, 3], [s, s], [1, 1], False, False, None), None
+
+
+class AvgPool3x3(nn.Module):
+    """``avg_pool2d(x, 3, stride, padding=1, count_include_pad=False)`` keeping nothing but
+    shapes for backward; on the CPU (NCHW) as ``cpu_kernels.avg3x3``."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+        self._counts: dict = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.enabled(x) and not is_channels_last(x):
+            return avg3x3(x, self.stride, self._counts)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _AvgPool.apply(x, self.stride)
+        return F.avg_pool2d(x, 3, self.stride, 1, count_include_pad=False)
+
+
 class _MaxPool(torch.autograd.Function):
     """3x3 max pooling (padding 1) keeping only its input for backward (the native op also
     keeps int64 indices of its output's size), where the argmax is recomputed by the native

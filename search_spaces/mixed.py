@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import Active, CellWeights
-from .cpu_kernels import AvgPool3x3
-from .fused_ops import MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms
+from .fused_ops import AvgPool3x3, MaxPool3x3, conv, depthwise_conv, edge_conv1x1_norms, edge_norms
 from .ops import DilConv, FactorizedReduce, SepConv, create_op, shifted_by_one
 
 

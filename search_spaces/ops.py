@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import AvgPool3x3
-from .fused_ops import Conv2d, DepthwiseConv2d, MaxPool3x3, conv_batch_norm, scaled_batch_norm, scaled_conv_batch_norm
+from .fused_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3, conv_batch_norm, scaled_batch_norm, scaled_conv_batch_norm
 
 OpFactory = Callable[[int, int, bool], nn.Module]
 

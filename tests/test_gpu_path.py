@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import optimizers
 import search_spaces
 from nas_trial.train_metrics import DeviceMeans
-from optimizers.audit import StepAudit
+from optimizers.audit import SavedBytes, StepAudit
 from search_spaces import cpu_kernels
 
 TINY = {"darts": {"C": 4, "layers": 3, "partial_channels": 2, "edge_normalization": True},
@@ -100,3 +100,41 @@ def test_compiled_supernet_compiles_once_over_20_steps(space, bilevel, graphs):
     assert first["unique_graphs"] == graphs
     assert counters["stats"]["unique_graphs"] == graphs and "recompiles" not in counters
     assert any(not torch.equal(a, b) for a, b in zip(before, net.arch_parameters()))   # the weights did move
+
+
+@pytest.mark.parametrize("bilevel", [True, False], ids=["bilevel", "single_level"])
+@pytest.mark.parametrize("space", ["darts", "nas-bench-201"])
+def test_cuda_path_keeps_no_more_for_backward_than_the_cpu_path(space, bilevel):
+    """Bytes autograd saves over a GAEA step (parameters left out): the device-agnostic path
+    on the meta device against the CPU path with its kernel tricks."""
+    saved = {}
+    for device in ("meta", "cpu"):
+        net, arch, weight_step, x, y = _setup(space, "gaea", device)
+        with SavedBytes(exclude=list(net.parameters())) as s:
+            optimizers.search_step(net, arch, x, y, x, y, bilevel=bilevel, weight_step=weight_step, check_finite=False)
+        saved[device] = s.bytes
+    assert 0 < saved["meta"] <= saved["cpu"], saved
+
+
+def test_compiled_retraining_network_does_not_recompile_as_drop_path_ramps():
+    """The drop-path probability changes every epoch; its value lives in a buffer, so the
+    compiled forward (and its backward) stay one graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = search_spaces.create_network(search_spaces.parse_genotype("DARTS_V2"), C=4, layers=3, num_classes=10,
+                                       auxiliary=False)
+    net.drop_path_enabled = True
+    net.compile(backend="eager")
+    x = torch.randn(2, 3, 16, 16)
+    outs = []
+    for epoch in range(5):
+        net.drop_path_prob = 0.2 * epoch / 4
+        out = net(x)[0]
+        out.sum().backward()
+        outs.append(out.detach())
+    assert counters["stats"]["unique_graphs"] == 1 and "recompiles" not in counters
+    net.eval()
+    assert torch.equal(net(x)[0], net(x)[0])       # no drop path outside training

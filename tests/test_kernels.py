@@ -1,16 +1,27 @@
-"""The faster CPU ops compute the same functions and gradients as the native ones."""
+"""The supernets' own ops compute the same functions and gradients as the native ones, on
+the CPU path (its kernel tricks) and on the device-agnostic path (CUDA's, run on the CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.cpu_kernels import AvgPool3x3
-from search_spaces.fused_ops import Conv2d, DepthwiseConv2d, MaxPool3x3, scaled_batch_norm
+from search_spaces import cpu_kernels
+from search_spaces.fused_ops import AvgPool3x3, Conv2d, DepthwiseConv2d, MaxPool3x3, depthwise_conv, scaled_batch_norm
+
+
+@pytest.fixture(params=["cpu", "device-agnostic"])
+def path(request):
+    """Each test runs on both paths."""
+    if request.param == "cpu":
+        yield request.param
+    else:
+        with cpu_kernels.disabled():
+            yield request.param
 
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [8, 7])
-def test_pools_match_native(stride, size):
+def test_pools_match_native(stride, size, path):
     x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
     for mine, ref in [(AvgPool3x3(stride), lambda t: F.avg_pool2d(t, 3, stride, 1, count_include_pad=False)),
                       (MaxPool3x3(stride), lambda t: F.max_pool2d(t, 3, stride, 1))]:
@@ -22,7 +33,7 @@ def test_pools_match_native(stride, size):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("k,d", [(3, 1), (5, 1), (3, 2), (5, 2)])
-def test_depthwise_conv_gradients_match_native(stride, k, d):
+def test_depthwise_conv_gradients_match_native(stride, k, d, path):
     p = d * (k - 1) // 2
     conv = DepthwiseConv2d(4, k, stride, p, d).double()
     ref = nn.Conv2d(4, 4, k, stride, p, d, groups=4, bias=False).double()
@@ -32,6 +43,23 @@ def test_depthwise_conv_gradients_match_native(stride, k, d):
     mine = torch.autograd.grad(conv(x), (x, conv.weight), g)
     native = torch.autograd.grad(ref(x), (x, ref.weight), g)
     assert all(torch.allclose(a, b) for a, b in zip(mine, native))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_repeated_depthwise_conv_matches_native_and_keeps_its_input_once(stride, path):
+    """E edges reading one input: the convolution of the input repeated E times keeps the
+    input itself for backward, not the repeated copy."""
+    E, C = 3, 4
+    x = torch.randn(2, C, 9, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(E * C, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = depthwise_conv(x, w, stride, 1, 1, repeat=E)
+    ref = F.conv2d(torch.cat([x] * E, 1), w, None, stride, 1, 1, E * C)
+    g = torch.randn_like(ref)
+    assert torch.allclose(y, ref)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)))
+    assert (2, E * C, 9, 9) not in saved and (2, C, 9, 9) in saved
 
 
 def test_conv_without_weight_gradient_keeps_no_input():
