@@ -12,7 +12,7 @@ from nas_trial.train_metrics import DeviceMeans
 from optimizers.audit import SavedBytes, StepAudit
 from search_spaces import cpu_kernels
 
-TINY = {"darts": {"C": 4, "layers": 3, "partial_channels": 2, "edge_normalization": True},
+TINY = {"darts": {"C": 4, "layers": 3, "nodes": 2, "multiplier": 2, "partial_channels": 2, "edge_normalization": True},
         "nas-bench-201": {"C": 4, "layers": 1}}
 
 
