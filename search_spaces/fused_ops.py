@@ -1,6 +1,8 @@
 """Fused autograd Functions that keep less for backward, on every device: the supernets'
 ``w * batch_norm(...)`` as one batch-norm kernel each way, convolutions whose weight takes
-no gradient keeping no input, the norms of E edges computed as one tensor.
+no gradient keeping no input, the norms of E edges computed as one tensor, 1x1 convolution
++ norm recomputing the convolution in backward, depthwise convolutions of one input for E
+edges keeping that input once, max pooling without indices, average pooling keeping nothing.
 
 Under autocast each backward casts what it saved to the gradient's dtype, so every
 convolution and matrix product gets tensors of one dtype (cuDNN refuses mixed ones). The
