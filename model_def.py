@@ -292,9 +292,7 @@ class RetrainTrial(_Trial):
             net.drop_path_enabled = cfg.drop_path_prob > 0
         # speed options, before DDP wraps the network (its buckets follow the parameters' layout)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        net.to(memory_format=self.memory_format)
-        if cfg.compile:
-            net.compile()
+        optimizers.prepare_supernet(net, channels_last=cfg.channels_last, compile=cfg.compile)
         if context.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
         self.autocast = PRECISIONS[cfg.precision]

@@ -75,26 +75,8 @@ def tests(results: Results, timeout: int) -> None:
 
 
 def _search(space: str, device, batch: int, seed: int = 0):
-    import torch
-
-    import optimizers
-    import search_spaces
-    from benchmarks.bench_search import SPACES
-    name, kw = SPACES[space]
-    torch.manual_seed(seed)
-    net = search_spaces.create(name, **kw).to(device)
-    arch = optimizers.create("gaea", net, seed=seed)
-    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
-
-    def weight_step():
-        torch.nn.utils.clip_grad_norm_(net.weight_parameters(), 5.0)
-        sgd.step()
-        sgd.zero_grad(set_to_none=True)
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
-    y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    return net, arch, weight_step, x, y
+    from benchmarks.step_audit import search_setup
+    return search_setup(space, "gaea", device, batch, seed)
 
 
 def sync(results: Results) -> None:

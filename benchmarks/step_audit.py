@@ -20,6 +20,7 @@ CPU path with its kernel tricks; ``cpu-agnostic`` the device-agnostic path compu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -31,21 +32,21 @@ import torch  # noqa: E402
 
 import optimizers  # noqa: E402
 import search_spaces  # noqa: E402
+from benchmarks.bench_search import SPACES  # noqa: E402  (the benchmark's sizes)
 from optimizers.audit import SavedBytes, StepAudit  # noqa: E402
 from search_spaces import cpu_kernels  # noqa: E402
 
-SPACES = {
-    "pc-darts": ("darts", {"C": 16, "layers": 8, "partial_channels": 4, "edge_normalization": True}),
-    "nas-bench-201": ("nas-bench-201", {"C": 16, "layers": 5}),
-}
 
 
-def audit(space: str, method: str, bilevel: bool, path: str, precision: str, batch: int, steps: int = 1) -> dict:
+def search_setup(space: str, method: str, device, batch: int, seed: int = 0):
+    """A seeded supernet of ``space`` at the benchmark's sizes on ``device``, its architecture
+    optimizer, the weight step the trial takes (SGD momentum 0.9, weight decay 3e-4, clip 5),
+    and one random batch: (net, arch, weight_step, x, y)."""
     name, kw = SPACES[space]
-    device = torch.device("meta" if path == "meta" else "cpu")
-    torch.manual_seed(0)
+    device = torch.device(device)
+    torch.manual_seed(seed)
     net = search_spaces.create(name, **kw).to(device)
-    arch = optimizers.create(method, net, seed=0)
+    arch = optimizers.create(method, net, seed=seed)
     sgd = torch.optim.SGD(net.weight_parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
 
     def weight_step() -> None:
@@ -53,13 +54,18 @@ def audit(space: str, method: str, bilevel: bool, path: str, precision: str, bat
         sgd.step()
         sgd.zero_grad(set_to_none=True)
 
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    return net, arch, weight_step, x, y
+
+
+def audit(space: str, method: str, bilevel: bool, path: str, precision: str, batch: int, steps: int = 1) -> dict:
+    net, arch, weight_step, x, y = search_setup(space, method, "meta" if path == "meta" else "cpu", batch)
     autocast = torch.bfloat16 if precision == "bf16" else None
     out = {"space": space, "method": method, "form": "bilevel" if bilevel else "single_level", "path": path,
            "precision": precision, "batch": batch}
-    agnostic = cpu_kernels.disabled() if path == "cpu-agnostic" else _null()
-    with agnostic:
+    with cpu_kernels.disabled() if path == "cpu-agnostic" else contextlib.nullcontext():
         for _ in range(steps - 1):      # a warm-up step: optimizer state exists in the counted one
             optimizers.search_step(net, arch, x, y, x, y, bilevel=bilevel, weight_step=weight_step,
                                    autocast=autocast, check_finite=False)
@@ -74,14 +80,6 @@ def audit(space: str, method: str, bilevel: bool, path: str, precision: str, bat
     out.update(aten_calls=counter.total, saved_bytes=saved.bytes, mixed_dtype_calls=len(counter.mixed),
                mixed_ops=sorted({op for op, _ in counter.mixed}))
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> None:
