@@ -33,6 +33,7 @@ from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, resume_settings, write_json
+from nas_trial.stopping import StopWhenMasterStops
 from nas_trial.train_metrics import DeviceMeans
 from nas_trial.validation import EveryRankValidation
 from optimizers.search import search_step, unreachable_parameters, zero_touch
@@ -70,10 +71,19 @@ class _Trial(PyTorchTrial):
     def _callbacks(self, write_files=None) -> dict[str, det.pytorch.PyTorchCallback]:
         # in this order: the observer stops the cost clock before validation starts
         callbacks = {"nas_state": TrialState(self, self.settings, write_files), "observe": self.observer,
-                     "health": self.health, "validate": self.validation}
+                     "health": self.health, "validate": self.validation,
+                     "master_stop": StopWhenMasterStops(self.context, self.name)}
         if self.world > 1:
             callbacks["interrupt"] = StopOnInterrupt(self.context)
+        self.callbacks = callbacks
         return callbacks
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The tensors Determined's next checkpoint will hold, under its keys (its ``_save``)."""
+        ctx = self.context
+        return {"models_state_dict": [m.state_dict() for m in ctx.models],
+                "optimizers_state_dict": [o.state_dict() for o in ctx.optimizers],
+                "callbacks": {name: cb.state_dict() for name, cb in getattr(self, "callbacks", {}).items()}}
 
     def _begin_step(self) -> None:
         """Before a training step: a local interrupt stops here, between steps (single process;
@@ -87,6 +97,11 @@ class _Trial(PyTorchTrial):
         gets the plain numbers."""
         self.steps += 1
         self.step_means.update(on_device)
+        if self.faults.nan("loss", self.steps) and self.rank == self.world - 1:
+            finite = torch.zeros_like(finite, dtype=torch.bool)
+        if self.faults.nan("weight", self.steps):
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
         self.health.record(self.steps, what, finite)
         self.progress.step(self.steps, {**on_device, **numbers})
         self.faults.hit("step", self.steps)
@@ -97,14 +112,28 @@ class _Trial(PyTorchTrial):
         return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                           pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_in_workers)
 
-    def eval_loader(self, dataset, num_workers: int, batch_sampler=None) -> DataLoader:
-        # its own generator: a new iterator draws its worker seed from it, not from the global
-        # RNG that training uses (drop path), which would then depend on how often one validated
+    def eval_loader(self, dataset, num_workers: int, batch_sampler=None) -> torch.utils.data.DataLoader:
+        """A plain torch DataLoader, built once by its user: its workers persist between
+        validations (Determined's DataLoader builds a new torch one, new workers, per iteration).
+        Its own generator: a new iterator draws its worker seed from it, not from the global RNG
+        that training uses (drop path), which would then depend on how often one validated."""
         if batch_sampler is None:
             batch_sampler = ShardBatchSampler(len(dataset), self.eval_batch_size)
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                          pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
-                          persistent_workers=num_workers > 0)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                                           pin_memory=torch.cuda.is_available(), generator=torch.Generator(),
+                                           persistent_workers=num_workers > 0)
+
+    def build_validation_data_loader(self) -> DataLoader:
+        # Determined wants one, and never iterates it: evaluate_full_dataset reads what
+        # EveryRankValidation measured on every rank
+        return DataLoader(self.validation_dataset(), batch_size=self.eval_batch_size)
+
+    def validation_dataset(self):
+        raise NotImplementedError
+
+    def validate_on_chief(self) -> dict[str, dict[str, float]]:
+        """Measurements only the chief takes (random search ranks its candidates), by set name."""
+        return {}
 
     def validation_sets(self) -> dict[str, tuple[Any, Any]]:
         """name -> (dataset, forward) that EveryRankValidation measures on every rank."""
@@ -175,8 +204,8 @@ class SearchTrial(_Trial):
     def build_training_data_loader(self) -> DataLoader:
         return self._train_loader(self.data.paired, self.data_cfg.num_workers)
 
-    def build_validation_data_loader(self) -> DataLoader:
-        return self.eval_loader(self.data.heldout, self.data_cfg.num_workers)
+    def validation_dataset(self):
+        return self.data.heldout
 
     def validation_sets(self) -> dict[str, tuple[Any, Any]]:
         if isinstance(self.arch, optimizers.RandomSearch):
@@ -203,20 +232,28 @@ class SearchTrial(_Trial):
                               {"loss": result.loss, "train_accuracy": result.accuracy, "arch_loss": result.arch_loss},
                               {"lr": self.w_opt.param_groups[0]["lr"]})
 
+    def random_search_sample(self) -> torch.utils.data.Subset:
+        """The held-out images random search scores its candidates on: ``eval_batches`` batches
+        of the global batch size, as one slot cuts them, on any number of slots. A seeded
+        sample, the same at every validation: the held-out half is stored class by class, and
+        its first batches would all be one class."""
+        n = min(self.arch.settings.eval_batches * self.eval_batch_size, len(self.data.heldout))
+        return torch.utils.data.Subset(self.data.heldout, sample_indices(len(self.data.heldout), n, self.seed))
+
+    def validate_on_chief(self) -> dict[str, dict[str, float]]:
+        if not isinstance(self.arch, optimizers.RandomSearch):
+            return {}
+        batches = [self.context.to_device(b) for b in self.eval_loader(self.random_search_sample(), 0)]
+        results = self.arch.select(self.supernet, batches)
+        best = self.arch.best
+        return {"val": {"loss": best["loss"], "accuracy": best["accuracy"], "candidates": len(results),
+                        "images": sum(len(y) for _, y in batches)}}
+
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        if isinstance(self.arch, optimizers.RandomSearch):
-            # A seeded sample of the held-out half, the same at every validation: the half is
-            # stored class by class, and its first batches would all be one class.
-            n = min(self.arch.settings.eval_batches * self.per_slot, len(self.data.heldout))
-            sample = torch.utils.data.Subset(self.data.heldout, sample_indices(len(self.data.heldout), n, self.seed))
-            batches = [self.context.to_device(b) for b in self.eval_loader(sample, 0)]
-            results = self.arch.select(self.supernet, batches)
-            best = self.arch.best
-            metrics = {"val_loss": best["loss"], "val_accuracy": best["accuracy"], "candidates": len(results)}
-        else:
-            m = self.validation.measured["val"]       # on every rank, data_loader unused
-            metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_images": m["images"]}
-        self.health.check_validation(metrics["val_loss"])
+        m = self.validation.measured["val"]       # measured before this call, data_loader unused
+        metrics = {"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_images": m["images"]}
+        if "candidates" in m:
+            metrics["candidates"] = m["candidates"]
         metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
         metrics["genotype"] = self.arch.genotype().to_str()
         metrics.update(self.observer.cost.metrics(self.steps))
@@ -314,8 +351,8 @@ class RetrainTrial(_Trial):
     def build_training_data_loader(self) -> DataLoader:
         return self._train_loader(self.data.train, self.data_cfg.num_workers)
 
-    def build_validation_data_loader(self) -> DataLoader:
-        return self.eval_loader(self.data.val, self.data_cfg.num_workers)
+    def validation_dataset(self):
+        return self.data.val
 
     def _precision(self):
         """The forward's autocast (``precision: bf16``), or nothing."""
@@ -357,7 +394,6 @@ class RetrainTrial(_Trial):
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
         val, test = self.validation.measured["val"], self.validation.measured["test"]   # on every rank
-        self.health.check_validation(val["loss"])
         metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_images": val["images"],
                    "test_loss": test["loss"], "test_accuracy": test["accuracy"], **self.size,
                    "genotype": self.genotype.to_str(),

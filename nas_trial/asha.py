@@ -12,6 +12,11 @@ from an experiment's ``searcher`` section by the master's own rules
 * this ASHA *stops* trials (it never promotes or resumes one): a trial whose validation at a
   rung is not in the top ``1/d`` of that rung so far stops; the others train on.
 
+The master marks a stopped trial STOPPING_COMPLETED and sends its running allocation no
+signal in 0.38.1 (``master/internal/trial.go``, ``transition``), so a trial learns of the stop
+only by asking: ``nas_trial.stopping`` does, after every validation. A trial class that does
+not ask trains every trial to ``max_time``: the plan's ``max_units``.
+
 The epochs a bracket costs depend on the order results arrive; the plan gives the usual
 estimate, ``trials / d**i`` trials training from rung ``i-1`` to rung ``i``, and the bound
 where no trial is stopped.
@@ -74,6 +79,9 @@ class AshaPlan:
                      f"(~{self.expected_units / self.max_time:.1f} full runs); {self.max_units:,} {unit} "
                      "if no trial were stopped")
         lines.append("  A trial outside the top 1/divisor of a rung stops for good: nothing is promoted or resumed.")
+        lines.append("  Determined 0.38.1 never tells a running trial that ASHA stopped it: this project's trials ask the")
+        lines.append("  master after every validation and stop themselves (nas_trial/stopping.py); a trial class that")
+        lines.append(f"  does not ask trains every trial to max_time ({self.max_units:,} {unit} here).")
         return "\n".join(prefix + line for line in lines)
 
 

@@ -18,14 +18,12 @@ import shutil
 import signal
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
-
 from nas_settings import ArgumentParser
 
-from .health import Divergence
 from .interrupt import INTERRUPT
 from .state import CheckpointError, check_compatible, complete_checkpoints, find_checkpoint, read_progress
 
@@ -38,22 +36,37 @@ SHORT_SEARCH_STEPS = 1000   # below this many steps the report explains what a s
 USAGE = "python model_def.py experiments/<x>.yaml [--set key=value ...] [--max-batches N] [--output DIR] [--resume DIR]"
 
 
-class _Yaml11Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a float like the master's YAML 1.1 does."""
+@lru_cache(maxsize=1)
+def _yaml11_loader() -> type:
+    """PyYAML's safe loader, reading ``1e-3`` as a float like the master's YAML 1.1 does.
+    (PyYAML is imported here, for local runs only: on a cluster the trial reads no YAML, and
+    Determined itself brings ruamel.yaml, not PyYAML.)"""
+    import yaml
 
+    class Yaml11Loader(yaml.SafeLoader):
+        pass
 
-_Yaml11Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    Yaml11Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Yaml11Loader
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
     try:
         with open(path) as f:
-            config = yaml.load(f, Loader=_Yaml11Loader)
+            config = yaml.load(f, Loader=_yaml11_loader())
     except FileNotFoundError:
         raise ValueError(f"experiment config {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"experiment config {str(path)!r} is a directory; give an experiment YAML file "
+                         "(experiments/<x>.yaml)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"experiment config {str(path)!r} is not a text file; give an experiment YAML file "
+                         "(experiments/<x>.yaml)") from None
     except yaml.YAMLError as e:
         raise ValueError(f"experiment config {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(config, dict) or not isinstance(config.get("hyperparameters"), dict):
@@ -89,8 +102,10 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 def _yaml_value(raw: str) -> Any:
     """A ``--set`` value read as YAML; text YAML cannot read (``|nor_conv_3x3~0|+...``, an
     unbalanced bracket) is taken as the string it is, and the setting's own check judges it."""
+    import yaml
+
     try:
-        return yaml.load(raw, Loader=_Yaml11Loader)
+        return yaml.load(raw, Loader=_yaml11_loader())
     except yaml.YAMLError:
         return raw
 
@@ -169,6 +184,12 @@ def _output_dir(args: argparse.Namespace, name: str) -> Path:
     output = output.expanduser().resolve()
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {args.output}: is a file; give a directory (it is created if missing)")
+    existing = next(p for p in (output, *output.parents) if p.exists())     # the folder it is created in
+    if not existing.is_dir():
+        raise ValueError(f"--output {args.output}: {existing} is a file, so no directory can be created below it; "
+                         "give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {args.output}: {existing} is not writable; give a directory you can write")
     return output
 
 
@@ -271,7 +292,11 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
                 print(f"nothing to do: the checkpoint already has {done} of {total} batches", flush=True)
             return 0
         # Everything is checked: from here on the run writes under --output.
-        storage.mkdir(parents=True, exist_ok=True)
+        try:
+            storage.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {args.output or output}: cannot create {storage} ({e.strerror}); give a "
+                             "directory you can write") from None
         trial.observer.run_dir = output          # TensorBoard event files under --output
         trial.progress.total = total
         epoch_len = trial.epoch_len
@@ -295,12 +320,15 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
         INTERRUPT.install(grace_s=INTERRUPT_GRACE_S["torchrun" if trial.world > 1 else "single"],
                           on_timeout=lambda: _last_good(storage, argv, output))
         try:
-            controller.run()
-        except (Divergence, CheckpointError):
+            _run_controller(controller.run, trial)
+        except CheckpointError:
             _remove_incomplete(storage, started_ns)
             raise
         finally:
             INTERRUPT.uninstall()
+        if trial.health.diverged:           # the chief has said why (trial.health.leave)
+            _remove_incomplete(storage, started_ns)
+            return 1
         if INTERRUPT.requested:
             if rank == 0:
                 print(f"error: stopped by {signal.Signals(INTERRUPT.signum).name} at batch {trial.steps}; checkpoint "
@@ -337,13 +365,28 @@ def run_cluster(info: Any, trial_class: Callable) -> int:
         searcher = context.get_experiment_config().get("searcher", {})
         unit = {"batches": det.pytorch.Batch, "epochs": det.pytorch.Epoch}.get(searcher.get("time_metric"))
         max_length = unit(searcher["max_time"]) if unit and searcher.get("max_time") else det.pytorch.Epoch(trial.cfg.epochs)
-        det.pytorch.Trainer(trial, context).fit(
+        _run_controller(lambda: det.pytorch.Trainer(trial, context).fit(
             max_length=max_length, latest_checkpoint=info.latest_checkpoint,
             validation_period=det.pytorch.Epoch(trial.cfg.validate_every),
             checkpoint_period=det.pytorch.Epoch(trial.cfg.checkpoint_every),
             # fit() does not read the experiment's checkpoint_policy itself (its default is "best")
-            checkpoint_policy=context.get_experiment_config().get("checkpoint_policy", "best"))
+            checkpoint_policy=context.get_experiment_config().get("checkpoint_policy", "best")), trial)
+    # A diverged trial has reported its early exit (INVALID_HP) and exits 0, as Determined's
+    # own InvalidHP path does: the searcher drops it instead of restarting it.
     return 0
+
+
+def _run_controller(run: Callable[[], Any], trial: Any) -> None:
+    """Determined's training loop. When the ranks agree the run diverged they leave it with
+    ``_ShouldExit(skip_exit_checkpoint=True)``, which escapes the loop if raised inside the
+    exit checkpoint of a single process (after a local Ctrl-C)."""
+    import determined as det
+
+    try:
+        run()
+    except det.pytorch._ShouldExit:
+        if not trial.health.diverged:
+            raise
 
 
 def main(argv: list[str], trial_class: Callable) -> int:
@@ -366,7 +409,7 @@ def main(argv: list[str], trial_class: Callable) -> int:
         if isinstance(e, TypeError) and "unexpected keyword" not in str(e):
             raise
         return _fail(e, 2)
-    except (NonFiniteLossError, Divergence) as e:
+    except NonFiniteLossError as e:
         return _fail(e, 1)
     except RuntimeError as e:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _is_collective_failure(e):

@@ -62,8 +62,10 @@ def combine(shards: list[list[BatchSums]]) -> dict[str, float]:
 
 
 class EveryRankValidation(det.pytorch.PyTorchCallback):
-    """Measures the trial's ``validation_sets()`` on every rank before Determined validates;
-    the chief's ``measured`` holds the combined results by set name."""
+    """Measures the trial's ``validation_sets()`` on every rank before Determined validates,
+    adds what the chief alone measures (``validate_on_chief``), and gives every rank the
+    combined results (``measured``, by set name), so that every rank decides on divergence
+    before the chief reports anything."""
 
     def __init__(self, trial: Any):
         self.trial = trial
@@ -72,7 +74,7 @@ class EveryRankValidation(det.pytorch.PyTorchCallback):
 
     def on_validation_start(self) -> None:
         trial, dist = self.trial, self.trial.context.distributed
-        self.measured = {}
+        measured: dict[str, dict[str, float]] = {}
         for name, (dataset, forward) in trial.validation_sets().items():
             if name not in self._loaders:
                 sampler = ShardBatchSampler(len(dataset), trial.eval_batch_size, dist.get_rank(), dist.get_size())
@@ -81,4 +83,12 @@ class EveryRankValidation(det.pytorch.PyTorchCallback):
             mine = evaluate_batches(forward, loader, sampler.batch_ids(), trial.context.to_device)
             shards = dist.gather(mine)           # the chief gets every rank's list, the others None
             if shards is not None:
-                self.measured[name] = combine(shards)
+                measured[name] = combine(shards)
+        if dist.get_rank() == 0:
+            measured.update(trial.validate_on_chief())
+            if trial.faults.nan("val_loss", trial.steps):
+                measured["val"] = {**measured["val"], "loss": float("nan")}
+        if dist.get_size() > 1:
+            measured = dist.broadcast(measured)
+        self.measured = measured
+        trial.health.check_validation(measured["val"]["loss"])

@@ -9,14 +9,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_model_def(*args: str, nproc: int = 1, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run model_def.py as a user would (torchrun for nproc > 1)."""
+def run_model_def(*args: str, nproc: int = 1, timeout: int = 300, env: dict | None = None,
+                  script: Path = ROOT / "model_def.py", rank_prefix: bool = False) -> subprocess.CompletedProcess:
+    """Run model_def.py (or a test entry that wraps it) as a user would (torchrun for nproc > 1;
+    ``rank_prefix``: every output line starts with ``rank<N>: ``)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), str(ROOT / "model_def.py"), *args]
+               str(29500 + os.getpid() % 1000),
+               *(["--tee", "3", "--log-line-prefix-template", "rank${rank}: "] if rank_prefix else []),
+               str(script), *args]
     else:
-        cmd = [sys.executable, str(ROOT / "model_def.py"), *args]
+        cmd = [sys.executable, str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -66,6 +66,8 @@ CASES = [
     ("config a list", "{tmp}/list.yaml", "needs a 'hyperparameters' mapping"),
     ("config without hyperparameters", "{tmp}/no_hp.yaml", "needs a 'hyperparameters' mapping"),
     ("data section not a mapping", "{tmp}/data5.yaml", "data section"),
+    ("config a directory", "{tmp}", "is a directory; give an experiment YAML file"),
+    ("config of another format", "{ckpt}/state_dict.pth", "is not a text file; give an experiment YAML file"),
     # command-line flags
     ("max-batches 0", "{search} --max-batches 0", "--max-batches: expected a whole number >= 1, got 0"),
     ("max-batches negative", "{search} --max-batches -3", "--max-batches"),
@@ -76,6 +78,8 @@ CASES = [
     ("--set without =", "{search} --set optimizer", "--set expects key=value"),
     ("--set empty key", "{search} --set =3", "--set expects key=value"),
     ("--output is a file", "{search} --output {tmp}/a_file", "is a file"),
+    ("--output below a file", "{search} --output {tmp}/a_file/run", "a_file is a file, so no directory can be created"),
+    ("--output unwritable", "{search} --output /sys/nas-test-output", "give a directory you can write"),
     # search hyperparameters
     ("unknown optimizer", "{search} --set optimizer=gea", "unknown architecture optimizer 'gea'; valid optimizers"),
     ("unknown space", "{search} --set space=nasbench", "unknown search space 'nasbench'"),

@@ -234,28 +234,30 @@ def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_checkpoint(tmp_path):
     assert "--resume" in said[0] and 'model_def.py", line' not in stderr      # no traceback from a rank
 
 
-@pytest.mark.parametrize("cluster", [False, True])
-def test_divergence_is_an_invalid_hyperparameter_on_a_cluster(monkeypatch, cluster):
-    """On a (simulated) cluster, divergence raises det.InvalidHP, so the searcher drops the
-    trial instead of restarting it; locally it is a Divergence (one line, exit 1)."""
+def test_one_process_checks_the_checkpoint_itself():
+    """On one process a checkpoint can come between reporting boundaries (a local Ctrl-C), so
+    the checkpoint's own tensors and the pending step flags are checked as it is written: the
+    run leaves as on several processes (the early exit reported, no exit checkpoint)."""
     import types
 
     import determined as det
 
-    from nas_trial import health
     from nas_trial.faults import Faults
+    from nas_trial.health import Health
 
-    monkeypatch.setattr(health, "on_cluster", lambda: cluster)
-    expected = det.InvalidHP if cluster else health.Divergence
-    dist = types.SimpleNamespace(get_size=lambda: 1)
-    trial = types.SimpleNamespace(steps=6, context=types.SimpleNamespace(distributed=dist), faults=Faults(""))
-    h = health.Health(trial, "lower learning_rate")
-    h.record(6, "the training loss", torch.tensor(True))
-    h.check_steps()
-    trial.steps = 7
-    h.record(7, "the training loss", torch.tensor(False))
-    with pytest.raises(expected, match="the training loss is not finite at step 7, so no checkpoint after step 6"):
-        h.check_steps()
-    with pytest.raises(expected, match=r"models_state_dict\[0\]\.bn\.running_var is not finite"):
-        h.on_checkpoint_save_start({"models_state_dict": [{"bn.running_var": torch.tensor([1.0, float("inf")])}]})
+    reports = []
+    dist = types.SimpleNamespace(get_size=lambda: 1, get_rank=lambda: 0)
+    context = types.SimpleNamespace(distributed=dist, _core=types.SimpleNamespace(
+        train=types.SimpleNamespace(report_early_exit=reports.append)))
+    trial = types.SimpleNamespace(steps=7, context=context, faults=Faults(""))
+    h = Health(trial, "lower learning_rate")
     h.on_checkpoint_save_start({"models_state_dict": [{"bn.running_var": torch.ones(2)}]})
+    with pytest.raises(det.pytorch._ShouldExit):
+        h.on_checkpoint_save_start({"models_state_dict": [{"bn.running_var": torch.tensor([1.0, float("inf")])}]})
+    assert h.diverged == ("the run diverged: models_state_dict[0].bn.running_var is not finite at step 7; no "
+                          "checkpoint holding it was written; lower learning_rate")
+    h.record(7, "the training loss", torch.tensor(False))
+    with pytest.raises(det.pytorch._ShouldExit):
+        h.on_checkpoint_save_start({"models_state_dict": [{"bn.running_var": torch.ones(2)}]})
+    assert "the training loss is not finite at step 7" in h.diverged
+    assert reports == [det.core.EarlyExitReason.INVALID_HP] * 2

@@ -141,3 +141,27 @@ def test_cluster_entry_passes_the_experiments_checkpoint_policy_and_length(monke
     assert seen["checkpoint_policy"] == (policy or "best") and seen["latest_checkpoint"] == "uuid-1"
     assert isinstance(seen["max_length"], det.pytorch.Epoch) and seen["max_length"].value == 7
     assert seen["checkpoint_period"].value == 2 and seen["validation_period"].value == 1
+
+
+def test_random_search_ranks_on_the_images_one_slot_uses_on_any_slot_count():
+    """Random search scores its candidates (on the chief) on eval_batches batches of the global
+    batch size, cut as one slot cuts them: with 2 slots of 8 the same images in the same
+    batches as with 1 slot of 16, not an eighth of them in short batches."""
+    import types
+
+    import torch
+
+    import model_def
+
+    heldout = torch.utils.data.TensorDataset(torch.arange(100), torch.zeros(100, dtype=torch.long))
+
+    def ranking_inputs(per_slot, world):
+        trial = types.SimpleNamespace(
+            arch=types.SimpleNamespace(settings=types.SimpleNamespace(eval_batches=3)), per_slot=per_slot,
+            world=world, eval_batch_size=per_slot * world, data=types.SimpleNamespace(heldout=heldout), seed=0)
+        sample = model_def.SearchTrial.random_search_sample(trial)
+        return [x.tolist() for x, _ in model_def._Trial.eval_loader(trial, sample, 0)]
+
+    one = ranking_inputs(16, 1)
+    assert ranking_inputs(8, 2) == one and [len(b) for b in one] == [16, 16, 16]
+    assert len({i for b in one for i in b}) == 48

@@ -36,7 +36,7 @@ with open(os.environ["FAKE_INSTALLED"], "a") as f:
 """
 
 
-def _source_hook(tmp_path: Path, data: dict, missing: list[str], pip: str):
+def _source_hook(tmp_path: Path, data: dict, missing: list[str], pip: str, then: str = ""):
     fake = tmp_path / "fake"
     (fake / "site" / "pip").mkdir(parents=True, exist_ok=True)
     (fake / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
@@ -57,6 +57,8 @@ def _source_hook(tmp_path: Path, data: dict, missing: list[str], pip: str):
            "FAKE_INSTALLED": str(tmp_path / "installed")}
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     script = 'set -e; set -x; source startup-hook.sh; echo "hook-done weights_only=$TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"'
+    if then:
+        script += f"; {then}"
     r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     pip_calls = calls.read_text().splitlines() if calls.exists() else []
     messages = [line for line in r.stderr.splitlines() if not line.startswith("+")]   # not set -x's trace
@@ -72,6 +74,19 @@ def test_image_with_everything_installs_nothing_offline(tmp_path):
     assert "installing nothing" in r.stdout
     assert "startup-hook: torch" in r.stdout
     assert "hook-done weights_only=1" in r.stdout
+
+
+def test_an_image_without_pyyaml_runs_the_cluster_path(tmp_path):
+    """determined 0.38.1 brings ruamel.yaml, not PyYAML, and the hook does not install it: what
+    a trial imports on a cluster (model_def.py as the entrypoint runs it, the runner's cluster
+    path, every module the trials use) imports without it."""
+    code = ("import model_def, nas_trial.runner, nas_trial.stopping, nas_trial.validation, nas_data, optimizers; "
+            "print('cluster path imported')")
+    r, pip_calls, messages = _source_hook(tmp_path, {"dataset": "image_folder"}, ["yaml"], "offline",
+                                          then=f'"$DET_PYTHON_EXECUTABLE" -c "{code}"')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert pip_calls == [] and "installing nothing" in r.stdout
+    assert "cluster path imported" in r.stdout
 
 
 def test_missing_package_offline_stops_the_trial_with_one_line(tmp_path):
