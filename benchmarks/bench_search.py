@@ -8,8 +8,9 @@ Each configuration runs in a fresh process (so peak memory is its own): warm-up 
 the median of the timed steps of ``optimizers.search_step`` (architecture step on a held-out
 batch, weight step on a training batch: SGD momentum 0.9, weight decay 3e-4, clip 5; EG for
 the architecture) on random 32x32 inputs, 10 classes. One JSON line per configuration:
-seconds per step, images per second (both batches counted), peak RSS, peak CUDA memory and
-every option in force.
+seconds per step, images per second (both batches counted), the seconds of the divergence
+check's scan of what a checkpoint would hold (run at every reporting boundary: every 10 steps
+locally, 100 on a cluster), peak RSS, peak CUDA memory and every option in force.
 
 Spaces: PC-DARTS (C=16, 8 cells, K=4, edge normalization) and NAS-Bench-201 (C=16, N=5).
 Options, each measured on its own: ``default`` (fp32, bilevel, eager, the memory format the
@@ -88,8 +89,20 @@ def worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     images = args.batch * (2 if opts["bilevel"] else 1)
+    # what the divergence check scans at each reporting boundary (nas_trial.health): the
+    # tensors a checkpoint would hold, one host transfer per device
+    from nas_trial.health import first_non_finite
+    scans = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        first_non_finite({"models_state_dict": [net.state_dict()], "optimizers_state_dict": [sgd.state_dict()],
+                          "callbacks": {"nas_state": {"extra": {"arch": arch.state_dict()}}}})
+        scans.append(time.perf_counter() - t0)
     return {"space": args.space, "batch": args.batch, "device": str(device), "threads": args.threads,
             "sec_per_step": round(sec, 4), "images_per_sec": round(images / sec, 2),
+            "divergence_scan_s": round(statistics.median(scans), 4),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
             "peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == "cuda" else None,
             "steps_timed": args.steps, "warmup": args.warmup, "step_min": round(min(times), 4),
