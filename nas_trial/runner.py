@@ -25,7 +25,8 @@ from typing import Any, Callable, Mapping
 from nas_settings import ArgumentParser
 
 from .interrupt import INTERRUPT
-from .state import CheckpointError, check_compatible, complete_checkpoints, find_checkpoint, read_progress
+from .state import (CheckpointError, check_compatible, complete_checkpoints, find_checkpoint,
+                    load_checkpoint_state, read_progress)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPORT_EVERY = 10           # batches between reporting boundaries: divergence checks, interrupts under torchrun
@@ -222,17 +223,6 @@ def _check_state_matches(state: Mapping[str, Any], models: list, checkpoint: Pat
                                       "in this run; resume with the settings the checkpoint was written with")
 
 
-def _load_checkpoint_state(checkpoint: Path) -> Any:
-    import torch
-
-    try:
-        return torch.load(checkpoint / "state_dict.pth", map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated, zero bytes, not a torch file: all one line
-        raise CheckpointError(f"--resume {checkpoint}: state_dict.pth cannot be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'empty'}); resume from an earlier "
-                              "checkpoint or the run directory") from None
-
-
 def _remove_incomplete(storage: Path, since_ns: int) -> None:
     """Checkpoint directories this run began but did not finish (a stop inside a checkpoint)."""
     for d in storage.iterdir() if storage.is_dir() else []:
@@ -263,7 +253,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
     if args.max_batches is not None and args.max_batches < done:
         raise ValueError(f"--max-batches {args.max_batches}: the checkpoint has already trained {done} batches; "
                          f"ask for more than {done}")
-    saved_state = _load_checkpoint_state(latest) if latest else None
+    saved_state = load_checkpoint_state(latest) if latest else None
     storage = output / "determined"
     # Determined keeps local checkpoints under $XDG_DATA_HOME/determined: put them in --output.
     os.environ["XDG_DATA_HOME"] = str(output)

@@ -41,33 +41,46 @@ def complete_checkpoints(storage: Path) -> list[tuple[int, Path]]:
     return [(b, d) for b, _, d in sorted(found)]
 
 
-def find_checkpoint(path: str | os.PathLike) -> tuple[Path, dict[str, Any], Optional[str]]:
-    """Resolve ``--resume PATH``: a checkpoint directory, or a run's output directory (or its
-    ``determined/`` folder), whose newest complete checkpoint is taken. Returns the directory,
-    its progress record, and a note saying which one was picked (None for a direct checkpoint)."""
+def find_checkpoint(path: str | os.PathLike, what: str = "--resume") -> tuple[Path, dict[str, Any], Optional[str]]:
+    """Resolve a checkpoint argument (``what`` names it in errors, e.g. ``--resume``): a
+    checkpoint directory, or a run's output directory (or its ``determined/`` folder), whose
+    newest complete checkpoint is taken. Returns the directory, its progress record, and a note
+    saying which one was picked (None for a direct checkpoint)."""
     given = Path(path).expanduser().resolve()
     if not given.exists():
-        raise CheckpointError(f"--resume {path}: no such file or directory; give a checkpoint directory or a "
+        raise CheckpointError(f"{what} {path}: no such file or directory; give a checkpoint directory or a "
                               "run's --output directory")
     if not given.is_dir():
-        raise CheckpointError(f"--resume {path}: is a file; give a checkpoint directory or a run's --output directory")
+        raise CheckpointError(f"{what} {path}: is a file; give a checkpoint directory or a run's --output directory")
     progress = read_progress(given)
     if progress is not None:
         return given, progress, None
     if (given / "state_dict.pth").exists() or (given / "load_data.json").exists() or (given / "code").is_dir():
         newest = complete_checkpoints(given.parent)
         hint = (f"; the newest complete checkpoint beside it is {newest[-1][1]} (batch {newest[-1][0]}): "
-                f"resume from it, or from the run directory {given.parent.parent}") if newest else \
+                f"use it, or the run directory {given.parent.parent}") if newest else \
             "; no complete checkpoint is beside it: start the run again"
-        raise CheckpointError(f"--resume {path}: an incomplete checkpoint (its writing was interrupted){hint}")
+        raise CheckpointError(f"{what} {path}: an incomplete checkpoint (its writing was interrupted){hint}")
     for storage in (given / "determined", given):
         found = complete_checkpoints(storage)
         if found:
             batches, directory = found[-1]
             return directory, read_progress(directory), \
                 f"newest complete checkpoint of {given}: {directory} (batch {batches})"
-    raise CheckpointError(f"--resume {path}: holds no complete checkpoint written by this project (looked for "
+    raise CheckpointError(f"{what} {path}: holds no complete checkpoint written by this project (looked for "
                           f"{PROGRESS_FILE} in it and in {given / 'determined'}/*)")
+
+
+def load_checkpoint_state(checkpoint: Path, what: str = "--resume") -> Any:
+    """``state_dict.pth`` of a checkpoint directory, or a one-line CheckpointError."""
+    import torch
+
+    try:
+        return torch.load(checkpoint / "state_dict.pth", map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, zero bytes, not a torch file: all one line
+        raise CheckpointError(f"{what} {checkpoint}: state_dict.pth cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'empty'}); use an earlier checkpoint or "
+                              "the run directory") from None
 
 
 def check_compatible(progress: Mapping[str, Any], settings: Mapping[str, Any], checkpoint: Path) -> None:
