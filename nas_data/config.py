@@ -65,6 +65,9 @@ class RetrainData:
     test: ImageDataset             # the test split: reported, never used for selection
     num_classes: int
     image_shape: tuple[int, int, int]
+    classes: tuple[str, ...] = ()  # class names in label order
+    mean: tuple[float, ...] = ()   # per-channel normalization of every split, [0, 1] units
+    std: tuple[float, ...] = ()
 
 
 def _shape(data: ImageSet) -> tuple[int, int, int]:
@@ -102,4 +105,5 @@ def build_retrain_data(cfg: DataConfig, seed: int, cutout: int) -> RetrainData:
         train=ImageDataset(train, idx[a], Augment(mean, std, cfg.crop_padding, cutout=cutout), augment=True, seed=seed),
         val=ImageDataset(train, idx[b], Augment(mean, std), augment=False, seed=seed),
         test=ImageDataset(test, test_idx, Augment(mean, std), augment=False, seed=seed),
-        num_classes=len(train.classes), image_shape=_shape(train))
+        num_classes=len(train.classes), image_shape=_shape(train), classes=tuple(train.classes),
+        mean=tuple(mean), std=tuple(std))

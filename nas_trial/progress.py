@@ -22,11 +22,15 @@ def _num(v: Any) -> Optional[float]:
 
 class Progress:
     def __init__(self, name: str, total_steps: int, every_seconds: float = 10.0, enabled: bool = True,
-                 stream=sys.stdout):
+                 stream=None):
         self.name, self.total, self.every = name, total_steps, every_seconds
-        self.enabled, self.stream = enabled, stream
+        self.enabled, self._stream = enabled, stream       # None: sys.stdout as it is when printing
         self.t0 = self.last = None
         self.start_step = 0
+
+    @property
+    def stream(self):
+        return self._stream if self._stream is not None else sys.stdout
 
     def step(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Called after training step ``step`` (1-based) with that step's metrics."""
