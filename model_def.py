@@ -32,7 +32,7 @@ from nas_trial.health import Health
 from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
 from nas_trial.observe import Observer
 from nas_trial.progress import Progress
-from nas_trial.state import TrialState, resume_settings, write_json
+from nas_trial.state import TrialState, resume_settings, run_name, write_json
 from nas_trial.stopping import StopWhenMasterStops
 from nas_trial.train_metrics import DeviceMeans
 from nas_trial.validation import EveryRankValidation
@@ -281,9 +281,7 @@ class SearchTrial(_Trial):
     def write_genotype(self, checkpoint_dir: Path) -> None:
         """``genotype.json`` beside the checkpoint: what a retraining reads."""
         genotype = self.arch.genotype()
-        info = det.get_cluster_info()
-        run = (f"experiment {info.trial.experiment_id} trial {info.trial.trial_id}"
-               if info is not None and info.task_type == "TRIAL" else str(checkpoint_dir.parent.parent))
+        run = run_name(checkpoint_dir)
         write_json(checkpoint_dir / "genotype.json", {
             **genotype.to_json(), "step": self.steps, "epoch": self.steps / self.epoch_len,
             "optimizer": self.cfg.optimizer, "seed": self.cfg.seed, "op_names": list(self.supernet.op_names),

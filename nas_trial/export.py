@@ -92,14 +92,6 @@ class Deployable(nn.Module):
 
 
 # -- reading the source ------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def read_retrained(source: str) -> Retrained:
     try:
         checkpoint, progress, note = find_checkpoint(source, what="SOURCE")
@@ -131,10 +123,9 @@ def read_retrained(source: str) -> Retrained:
                if not k.removeprefix("module.").startswith("auxiliary_head.")}
     history = ((state.get("callbacks") or {}).get("observe") or {}).get("history") or {}
     validations = [v for v in history.get("validation", []) if v.get("step", -1) <= progress["batches_trained"]]
-    run = str(checkpoint.parent.parent) if checkpoint.parent.name == "determined" else str(checkpoint)
-    downloaded = _read_json(checkpoint / "metadata.json")     # what `det checkpoint download` adds
-    if downloaded.get("trial_id") is not None:
-        run = f"experiment {downloaded.get('experiment_id', '?')} trial {downloaded['trial_id']}"
+    # the run that wrote it (progress.json; older checkpoints: where it lies)
+    run = progress.get("run") or (str(checkpoint.parent.parent) if checkpoint.parent.name == "determined"
+                                  else str(checkpoint))
     return Retrained(checkpoint=checkpoint, note=note, hparams=hparams, data=dict(experiment.get("data") or {}),
                      cfg=cfg, genotype=genotype, weights=weights, steps=int(progress["batches_trained"]),
                      validation=validations[-1] if validations else {}, run=run)

@@ -116,6 +116,15 @@ def resume_settings(hparams: Mapping[str, Any], data: Mapping[str, Any]) -> dict
     return json.loads(json.dumps(flat, default=str))
 
 
+def run_name(checkpoint_dir: Path) -> str:
+    """Which run wrote a checkpoint: ``experiment E trial T`` on a cluster, else the local
+    run's output directory (checkpoints live in ``<output>/determined/<uuid>/``)."""
+    info = det.get_cluster_info()
+    if info is not None and info.task_type == "TRIAL":
+        return f"experiment {info.trial.experiment_id} trial {info.trial.trial_id}"
+    return str(checkpoint_dir.parent.parent)
+
+
 def write_text(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: readers see the old file or the whole new one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -166,5 +175,6 @@ class TrialState(det.pytorch.PyTorchCallback):
         if self.write_files is not None:
             self.write_files(path)
         self.trial.faults.hit("progress", self.trial.steps)
-        write_json(path / PROGRESS_FILE, {"batches_trained": self.trial.steps, "settings": self.settings})
+        write_json(path / PROGRESS_FILE, {"batches_trained": self.trial.steps, "settings": self.settings,
+                                          "run": run_name(path)})
         self.trial.last_checkpoint = str(path)

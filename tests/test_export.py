@@ -54,6 +54,7 @@ def test_exported_network_reproduces_pytorch_on_held_out_images(retrained, tmp_p
                                "truck"]
     assert meta["input"]["shape"] == ["batch", 3, 32, 32] and not meta["normalization"]["inside_the_file"]
     assert meta["provenance"]["step"] == 3 and meta["provenance"]["validation"]["step"] == 3
+    assert meta["provenance"]["run"] == str(retrained[name])
     assert 0 <= meta["provenance"]["validation"]["test_accuracy"] <= 1
     assert meta["network"]["params"] > 0 and meta["network"]["macs"] > 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["genotype.json", "model.json", meta["file"]])
