@@ -30,13 +30,14 @@ from nas_trial.config import PRECISIONS, RetrainConfig, SearchConfig
 from nas_trial.faults import Faults
 from nas_trial.health import Health
 from nas_trial.interrupt import INTERRUPT, StopOnInterrupt, ignore_in_workers
-from nas_trial.observe import Observer
+from nas_trial.observe import WARMUP_LABEL, Observer
 from nas_trial.progress import Progress
 from nas_trial.state import TrialState, resume_settings, run_name, write_json
 from nas_trial.stopping import StopWhenMasterStops
 from nas_trial.train_metrics import DeviceMeans
 from nas_trial.validation import EveryRankValidation
 from optimizers.search import search_step, unreachable_parameters, zero_touch
+from search_spaces.nb201_benchmark import Benchmark, BenchmarkError
 
 
 class _Trial(PyTorchTrial):
@@ -154,7 +155,8 @@ class _Trial(PyTorchTrial):
         """Architecture weights as plain lists (searches only)."""
         return None
 
-    def current_genotype(self) -> str:
+    def current_genotype(self) -> Optional[str]:
+        """The cell as a genotype string; None while a search has no result yet."""
         raise NotImplementedError
 
 
@@ -163,13 +165,18 @@ class SearchTrial(_Trial):
 
     @classmethod
     def check_settings(cls, hparams: dict[str, Any], data: dict[str, Any]) -> None:
-        SearchConfig.from_hparams(hparams)
+        cfg = SearchConfig.from_hparams(hparams)
+        if cfg.benchmark_settings is not None:
+            Benchmark(cfg.benchmark_settings).open()       # a missing or unreadable file: one line, before the run
         super().check_settings(hparams, data)
 
     def __init__(self, context: PyTorchTrialContext) -> None:
         cfg = self.cfg = SearchConfig.from_hparams(context.get_hparams())
         self.data_cfg = DataConfig.from_mapping(context.get_data_config())
         self.data = build_search_data(self.data_cfg, cfg.seed)
+        # the benchmark's scores of the current cell, looked up by the chief at each validation
+        self.benchmark = Benchmark(cfg.benchmark_settings) if cfg.benchmark_settings is not None else None
+        self.benchmark_missing: set[str] = set()       # cells the file does not hold (said once each)
         self._setup(context, cfg.seed, cfg.epochs, len(self.data.paired),
                     advice=f"lower learning_rate (now {cfg.learning_rate}) or the architecture optimizer's lr, "
                            "or set grad_clip")
@@ -255,7 +262,10 @@ class SearchTrial(_Trial):
         if "candidates" in m:
             metrics["candidates"] = m["candidates"]
         metrics.update(optimizers.entropy_stats(self.arch.probabilities()))
-        metrics["genotype"] = self.arch.genotype().to_str()
+        genotype = self.current_genotype()
+        metrics["genotype"] = genotype or WARMUP_LABEL
+        if genotype is not None and self.benchmark is not None:
+            metrics.update(self.benchmark_scores(genotype))
         metrics.update(self.observer.cost.metrics(self.steps))
         self.last_validation_step = self.steps
         self.progress.validation(self.steps, metrics)
@@ -267,8 +277,27 @@ class SearchTrial(_Trial):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.arch.load_state_dict(state["arch"])
 
-    def current_genotype(self) -> str:
-        return self.arch.genotype().to_str()
+    def architecture_untouched(self) -> bool:
+        """Still in the weights-only warm-up: the architecture weights have not had a step, so
+        their argmax is a tie (every NAS-Bench-201 edge ``skip_connect``, the benchmark's
+        collapse cell) that must not pass for a result. Random search ranks real candidates."""
+        return (self.cfg.arch_warmup_epochs > 0 and not isinstance(self.arch, optimizers.RandomSearch)
+                and self.steps <= self.cfg.arch_warmup_epochs * self.epoch_len)
+
+    def current_genotype(self) -> Optional[str]:
+        """The cell the search holds, or None during the weights-only warm-up."""
+        return None if self.architecture_untouched() else self.arch.genotype().to_str()
+
+    def benchmark_scores(self, genotype: str) -> dict[str, float]:
+        """``benchmark_test_accuracy`` (and ``benchmark_valid_accuracy``) of the cell, in percent;
+        nothing for a cell the benchmark file does not hold (said once per cell)."""
+        try:
+            return self.benchmark.score(genotype).metrics()
+        except BenchmarkError as e:
+            if genotype not in self.benchmark_missing:
+                self.benchmark_missing.add(genotype)
+                print(f"[{self.name}] warning: {e}; no benchmark score for it", file=sys.stderr, flush=True)
+            return {}
 
     def arch_snapshot(self) -> dict[str, Any]:
         """Per cell type, the op weights (edges x ops) and, with edge normalization, the per-node
@@ -282,8 +311,17 @@ class SearchTrial(_Trial):
         """``genotype.json`` beside the checkpoint: what a retraining reads."""
         genotype = self.arch.genotype()
         run = run_name(checkpoint_dir)
+        extra: dict[str, Any] = {}
+        if self.architecture_untouched():
+            extra["warmup"] = ("the architecture weights are untouched (arch_warmup_epochs): this genotype is the "
+                               "argmax of a tie, not a search result")
+        if self.benchmark is not None:
+            s = self.benchmark.settings
+            extra["benchmark"] = {"file": str(self.benchmark.path), "format": self.benchmark.kind,
+                                  "dataset": s.dataset, "epochs": s.epochs,
+                                  **({} if extra.get("warmup") else self.benchmark_scores(genotype.to_str()))}
         write_json(checkpoint_dir / "genotype.json", {
-            **genotype.to_json(), "step": self.steps, "epoch": self.steps / self.epoch_len,
+            **genotype.to_json(), **extra, "step": self.steps, "epoch": self.steps / self.epoch_len,
             "optimizer": self.cfg.optimizer, "seed": self.cfg.seed, "op_names": list(self.supernet.op_names),
             "run": run, "validation_step": self.last_validation_step,
             "arch_weights": self.arch_snapshot()["cells"], "cost": self.observer.cost.totals(self.steps),

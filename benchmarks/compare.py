@@ -9,6 +9,10 @@ Each line holds, for every epoch (one validation and one checkpoint each), the g
 entropy of the architecture weights, the share of skip connections and of pooling among the
 cell's edges, the supernet's validation accuracy (random search: its best candidate's) and
 the wall time, then the run's totals. ``--table`` prints a markdown summary of a results file.
+With ``--benchmark FILE`` (a NATS-Bench topology directory or archive, a NAS-Bench-201 .pth or a
+CSV; ``--set benchmark.dataset=cifar100`` and ``benchmark.epochs=12`` choose what is read), each
+epoch also holds the benchmark's test and validation accuracy of its cell, and the table the
+final cell's benchmark test accuracy: the figure search methods are compared by.
 """
 from __future__ import annotations
 
@@ -53,9 +57,12 @@ def read_run(output: Path) -> list[dict]:
     for path in (output / "determined").glob("*/genotype.json"):
         d = json.loads(path.read_text())
         m = d.get("metrics", {})
+        bench = d.get("benchmark") or {}
         rows.append({"epoch": d["epoch"], "step": d["step"], "genotype": d["genotype"],
                      "arch_entropy": m.get("arch_entropy"), "val_accuracy": m.get("val_accuracy"),
-                     "wall_s": d.get("cost", {}).get("wall_s"), **cell_shares(d["genotype"])})
+                     "wall_s": d.get("cost", {}).get("wall_s"), "warmup": bool(d.get("warmup")),
+                     "benchmark_test_accuracy": bench.get("benchmark_test_accuracy"),
+                     "benchmark_valid_accuracy": bench.get("benchmark_valid_accuracy"), **cell_shares(d["genotype"])})
     return sorted(rows, key=lambda r: r["step"])
 
 
@@ -75,7 +82,8 @@ def run_one(method: str, seed: int, preset: list[str], extra: list[str], out_roo
     return {"method": method, "seed": seed, "returncode": proc.returncode, "process_wall_s": round(wall, 1),
             "settings": sets, "epochs": epochs, "final_genotype": last.get("genotype"),
             "final_val_accuracy": last.get("val_accuracy"), "final_entropy": last.get("arch_entropy"),
-            "final_skip_share": last.get("skip_share"), "final_pool_share": last.get("pool_share")}
+            "final_skip_share": last.get("skip_share"), "final_pool_share": last.get("pool_share"),
+            "final_benchmark_test_accuracy": last.get("benchmark_test_accuracy")}
 
 
 def _mean(values) -> str:
@@ -88,9 +96,10 @@ def _mean(values) -> str:
 
 def table(results: list[dict]) -> str:
     """Markdown: per method, final metrics (mean ± sd over seeds) and skip share by epoch."""
-    lines = ["| method | seeds | val acc (supernet) | entropy | skip share | pool share | none share | "
-             "skip share by epoch | s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    bench = any(r.get("final_benchmark_test_accuracy") is not None for r in results)
+    lines = ["| method | seeds | val acc (supernet) | " + ("benchmark test acc (%) | " if bench else "") +
+             "entropy | skip share | pool share | none share | skip share by epoch | s/run |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if bench else "")]
     for method in dict.fromkeys(r["method"] for r in results):
         runs = [r for r in results if r["method"] == method and r["returncode"] == 0]
         if not runs:
@@ -98,7 +107,8 @@ def table(results: list[dict]) -> str:
         n_epochs = min(len(r["epochs"]) for r in runs)
         by_epoch = " ".join(f"{statistics.fmean(r['epochs'][e]['skip_share'] for r in runs):.2f}"
                             for e in range(n_epochs))
-        lines.append(f"| {method} | {len(runs)} | {_mean(r['final_val_accuracy'] for r in runs)} | "
+        bench_cell = f"{_mean(r.get('final_benchmark_test_accuracy') for r in runs)} | " if bench else ""
+        lines.append(f"| {method} | {len(runs)} | {_mean(r['final_val_accuracy'] for r in runs)} | {bench_cell}"
                      f"{_mean(r['final_entropy'] for r in runs)} | {_mean(r['final_skip_share'] for r in runs)} | "
                      f"{_mean(r['final_pool_share'] for r in runs)} | "
                      f"{_mean(r['epochs'][-1]['none_share'] for r in runs)} | {by_epoch} | "
@@ -117,6 +127,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--output", default=str(ROOT / "runs" / "compare"), help="run directories go here")
     p.add_argument("--results", default=None, help="JSON lines file (default <output>/results.jsonl)")
     p.add_argument("--table", default=None, metavar="RESULTS", help="print the markdown table of a results file")
+    p.add_argument("--benchmark", default=None, metavar="FILE",
+                   help="score each epoch's cell with this NAS-Bench-201 / NATS-Bench file or CSV")
     args = p.parse_args(argv)
     if args.table:
         results = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
@@ -135,13 +147,19 @@ def main(argv: list[str]) -> int:
     if not Path(args.data).exists():
         print(f"error: data folder {args.data} does not exist; pass --data", file=sys.stderr)
         return 2
+    extra = list(args.extra)
+    if args.benchmark:
+        if not Path(args.benchmark).exists():
+            print(f"error: benchmark file {args.benchmark} does not exist", file=sys.stderr)
+            return 2
+        extra.append(f"benchmark.file={Path(args.benchmark).resolve()}")
     out_root = Path(args.output).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
     results_path = Path(args.results) if args.results else out_root / "results.jsonl"
     results = []
     for seed in seeds:                  # seed-major: a stopped benchmark still compares the methods
         for method in methods:
-            r = run_one(method, seed, PRESETS[args.preset], args.extra, out_root, Path(args.data).resolve())
+            r = run_one(method, seed, PRESETS[args.preset], extra, out_root, Path(args.data).resolve())
             r["preset"] = args.preset
             results.append(r)
             line = json.dumps(r)

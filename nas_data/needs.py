@@ -30,6 +30,13 @@ BY_DATASET: dict[str, dict[str, str]] = {
     "imagenet16-120": {},
     "digits": {"sklearn": "scikit-learn"},
 }
+# and by a NAS-Bench-201 search's benchmark file (hyperparameters.benchmark.file), by its kind
+# (search_spaces/nb201_benchmark.py tells them apart the same way; a CSV needs nothing)
+BY_BENCHMARK: dict[str, dict[str, str]] = {
+    "nats": {"nats_bench": "nats_bench"},
+    "nas-bench-201": {"nas_201_api": "nas-bench-201"},
+    "csv": {},
+}
 # never installed here: what the image itself must bring
 FROM_IMAGE = ("torch", "torchvision", "determined")
 TESTED_TORCH = "2.14.1"        # the pin in requirements.txt and the README's images
@@ -50,9 +57,27 @@ def datasets_of(experiment_config: dict) -> list[str]:
     return names
 
 
-def needed(datasets: list[str]) -> dict[str, str]:
-    """import name -> pip name for everything a trial on these datasets imports."""
+def benchmark_kind(experiment_config: dict) -> str | None:
+    """The kind of benchmark file a search names in ``hyperparameters.benchmark.file`` (a plain
+    value or a const hyperparameter), or None."""
+    bench = (experiment_config.get("hyperparameters") or {}).get("benchmark")
+    if isinstance(bench, dict) and bench.get("type") == "const":
+        bench = bench.get("val")
+    if not isinstance(bench, dict):
+        return None
+    file = bench.get("file")
+    if isinstance(file, dict):
+        file = file.get("val")
+    if not isinstance(file, str):
+        return None
+    name = file.lower().rstrip("/")
+    return "nas-bench-201" if name.endswith(".pth") else "csv" if name.endswith(".csv") else "nats"
+
+
+def needed(datasets: list[str], benchmark: str | None = None) -> dict[str, str]:
+    """import name -> pip name for everything a trial on these datasets (and benchmark file) imports."""
     out = dict(ALWAYS)
+    out.update(BY_BENCHMARK.get(benchmark or "csv", {}))
     for name in datasets:
         if name not in BY_DATASET:
             raise NeedsError(f"data.dataset {name!r} is not one of {', '.join(BY_DATASET)}; fix the "
@@ -110,8 +135,9 @@ def main() -> int:
         except json.JSONDecodeError as e:
             raise NeedsError(f"DET_EXPERIMENT_CONFIG is not JSON ({e}); is this a Determined trial container?")
         datasets = datasets_of(config)
-        why = f"data.dataset {' / '.join(datasets)}"
-        modules = needed(datasets)
+        benchmark = benchmark_kind(config)
+        why = f"data.dataset {' / '.join(datasets)}" + (f" and a {benchmark} benchmark file" if benchmark else "")
+        modules = needed(datasets, benchmark)
         lacking = missing(modules)
         if lacking:
             print(f"{PREFIX} installing {' '.join(lacking)} (pip --user): the image lacks them and {why} "

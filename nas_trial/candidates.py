@@ -48,6 +48,7 @@ class Found:
     seed: Optional[int]
     optimizer: Optional[str]
     search_accuracy: Optional[float]   # the search's val_accuracy at that checkpoint
+    benchmark_test_accuracy: Optional[float] = None   # NAS-Bench-201: the benchmark's test accuracy (%) of the cell
 
     @property
     def key(self) -> str:
@@ -57,7 +58,7 @@ class Found:
     def provenance(self, rank: int) -> dict[str, Any]:
         out = {"rank": rank, "genotype": self.genotype.to_str(), "run": self.run, "checkpoint": self.checkpoint,
                "step": self.step, "seed": self.seed, "optimizer": self.optimizer,
-               "search_accuracy": self.search_accuracy}
+               "search_accuracy": self.search_accuracy, "benchmark_test_accuracy": self.benchmark_test_accuracy}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -84,11 +85,20 @@ def read_genotype_file(path: Path) -> Found:
     accuracy = metrics.get("val_accuracy")
     accuracy = float(accuracy) if isinstance(accuracy, (int, float)) and math.isfinite(accuracy) else None
     step = data.get("step")
+    bench = (data.get("benchmark") or {}).get("benchmark_test_accuracy")
     return Found(genotype=genotype, path=path, run=_run_of(path, data), checkpoint=path.parent.name,
                  step=int(step) if isinstance(step, int) else None,
                  seed=data.get("seed") if isinstance(data.get("seed"), int) else None,
                  optimizer=data.get("optimizer") if isinstance(data.get("optimizer"), str) else None,
-                 search_accuracy=accuracy)
+                 search_accuracy=accuracy, benchmark_test_accuracy=float(bench) if isinstance(bench, (int, float))
+                 else None)
+
+
+def _warmup(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("warmup"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False            # read_genotype_file says what is wrong with it
 
 
 def collect(sources: Sequence[str]) -> list[Found]:
@@ -109,7 +119,11 @@ def collect(sources: Sequence[str]) -> list[Found]:
         for f in files:
             if f.resolve() not in seen:
                 seen.add(f.resolve())
-                found.append(read_genotype_file(f))
+                if not _warmup(f):          # the argmax of untouched weights is no candidate
+                    found.append(read_genotype_file(f))
+    if not found:
+        raise CandidatesError(f"every genotype.json under {', '.join(sources)} was written during the weights-only "
+                              "warm-up (arch_warmup_epochs), before the architecture moved; pass finished searches")
     spaces = sorted({f.genotype.space for f in found})
     if len(spaces) > 1:
         examples = ", ".join(f"{next(f.path for f in found if f.genotype.space == s)} ({s})" for s in spaces)
@@ -200,6 +214,8 @@ def build(found: Sequence[Found], chosen: Sequence[Found], base: dict[str, Any],
              f"({len({f.run for f in found})} run(s)), distinct genotypes only, from {how}:"]
     for p in provenance:
         acc = f"{p['search_accuracy']:.4f}" if "search_accuracy" in p else "unknown"
+        if "benchmark_test_accuracy" in p:
+            acc += f", benchmark test accuracy {p['benchmark_test_accuracy']:.2f}%"
         lines.append(f"  {p['rank']}. search val_accuracy {acc}; run {p['run']}, checkpoint {p['checkpoint']}, "
                      f"step {p.get('step', '?')}, seed {p.get('seed', '?')}, optimizer {p.get('optimizer', '?')}")
     lines.append(f"Retraining: {base_path} with hyperparameters.genotype over these cells.")

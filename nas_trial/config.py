@@ -11,6 +11,7 @@ import torch
 import optimizers
 import search_spaces
 from nas_settings import from_mapping
+from search_spaces.nb201_benchmark import BenchmarkSettings, settings_from
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -51,10 +52,16 @@ class SearchConfig:
     precision: str = "fp32"                   # fp32 | bf16 (autocast: changes numerics, on request only)
     channels_last: Optional[bool] = None      # memory format (same math); null: the space's choice for the device
     compile: bool = False                     # torch.compile the supernet's forward (same math)
+    benchmark: Optional[dict] = None          # NAS-Bench-201: {file, dataset, epochs}; the benchmark's accuracy of
+                                              # the cell at every validation (search_spaces/nb201_benchmark.py)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "SearchConfig":
         return from_mapping(cls, hparams, "a search (hyperparameters)")
+
+    @property
+    def benchmark_settings(self) -> Optional[BenchmarkSettings]:
+        return settings_from(self.benchmark)
 
     def __post_init__(self) -> None:
         search_spaces.get_space(self.space)
@@ -79,6 +86,11 @@ class SearchConfig:
             raise ValueError("learning_rate must be > 0; min_learning_rate, grad_clip and weight_decay >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        if self.benchmark is not None:
+            if self.space != "nas-bench-201":
+                raise ValueError(f"benchmark scores NAS-Bench-201 cells, and this search's space is {self.space!r}; "
+                                 "remove benchmark or search space nas-bench-201")
+            settings_from(self.benchmark)
 
     @property
     def arch_settings(self) -> Mapping[str, Any]:

@@ -54,6 +54,10 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+# what a search reports for its cell while the architecture weights have not moved (the
+# weights-only warm-up): their argmax is a tie, not a result
+WARMUP_LABEL = "none yet: weights-only warm-up (arch_warmup_epochs), the architecture has not moved"
+
 class Cost:
     """Wall seconds, seconds per training step (validation and checkpoint time left out),
     images per second, peak memory, device and device-hours, summed over resumed sessions."""
@@ -212,7 +216,9 @@ class Observer(det.pytorch.PyTorchCallback):
                 if weights_figure is not None:
                     writer.add_image(f"arch_weights/{ct}", to_image(weights_figure(
                         ops, op_names, names, f"{ct} cell: {what} at step {step}")), step, dataformats="HWC")
-        if genotype and (arch is not None or not self._cell_written):
+        if genotype == WARMUP_LABEL:
+            writer.add_text("genotype", genotype, step)
+        elif genotype and (arch is not None or not self._cell_written):
             if cell_figure is not None:
                 writer.add_image("cell", to_image(cell_figure(search_spaces.parse_genotype(genotype))), step,
                                  dataformats="HWC")

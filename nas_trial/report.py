@@ -133,6 +133,33 @@ def _cost_rows(cost: Mapping[str, Any]) -> list[tuple[str, str]]:
             ("device-hours", f"{cost['device_hours']:.4f} ({cost['device_hours'] / 24:.5f} device-days)")]
 
 
+def _benchmark(history: Mapping[str, list], path: Path) -> bool:
+    """The benchmark's accuracy of the cell at each validation beside the supernet's own."""
+    import matplotlib.pyplot as plt
+
+    from search_spaces.plot import save
+
+    val = history.get("validation", [])
+    x, test = _series(val, "benchmark_test_accuracy")
+    if not x:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(x, test, "o-", label="benchmark test accuracy of the cell")
+    xv, valid = _series(val, "benchmark_valid_accuracy")
+    if xv:
+        ax.plot(xv, valid, "s--", label="benchmark validation accuracy of the cell")
+    xs, supernet = _series(val, "val_accuracy")
+    if xs:
+        ax.plot(xs, [100 * a for a in supernet], "^:", label="supernet validation accuracy (this run)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("the searched cell, scored by the benchmark")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.13, top=0.9)     # fixed margins (tight_layout is slow)
+    save(fig, path)
+    return True
+
+
 def write_report(out_dir: Path, kind: str, history: Mapping[str, list], genotype: Optional[str],
                  cost: Mapping[str, Any], config_name: str, short_search: bool = False) -> Path:
     """Write ``report.html`` and its pictures into ``out_dir``; return the report's path."""
@@ -144,6 +171,8 @@ def write_report(out_dir: Path, kind: str, history: Mapping[str, list], genotype
         images.append(("curves.png", "Training and validation curves"))
     if kind == "search" and _entropy(history, out_dir / "entropy.png"):
         images.append(("entropy.png", "Entropy of the architecture weights"))
+    if kind == "search" and _benchmark(history, out_dir / "benchmark.png"):
+        images.append(("benchmark.png", "The searched cell's accuracy in the benchmark"))
     arch = history.get("arch", [])
     for ct in (arch[-1]["cells"] if arch else []):
         name = f"trajectories-{ct}.png"
@@ -161,7 +190,8 @@ def write_report(out_dir: Path, kind: str, history: Mapping[str, list], genotype
         parts.append(f"<p>Genotype: <code>{html.escape(genotype)}</code></p>")
     if last_val:
         shown = {k: v for k, v in last_val.items() if k in ("step", "val_accuracy", "val_loss", "test_accuracy",
-                                                            "arch_entropy", "arch_max_weight")}
+                                                            "arch_entropy", "arch_max_weight",
+                                                            "benchmark_test_accuracy", "benchmark_valid_accuracy")}
         parts.append("<p>Last validation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in shown.items()) + "</p>")
     if kind == "search" and short_search:

@@ -234,6 +234,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
     import determined as det
     import torch
 
+    from .observe import WARMUP_LABEL
     from .report import write_report
 
     config = apply_overrides(load_config(args.config), args.overrides)
@@ -243,6 +244,10 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
     for key in ("root", "cache_dir"):  # paths given on the command line are relative to the caller's cwd
         if any(o.startswith(f"data.{key}=") for o in args.overrides) and data.get(key):
             data[key] = str(Path(data[key]).expanduser().resolve())
+    bench = config["hyperparameters"].get("benchmark")
+    if isinstance(bench, dict) and isinstance(bench.get("file"), str) and \
+            any(o.startswith("benchmark.file=") for o in args.overrides):
+        bench["file"] = str(Path(bench["file"]).expanduser().resolve())     # relative to the caller's cwd
     hparams = pick_hparams(config["hyperparameters"])
     trial_cls = trial_class(hparams)
     trial_cls.check_settings(hparams, data)       # one line for a bad setting, before anything starts
@@ -328,7 +333,7 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
         if rank == 0:
             print(f"[{trial.name}] finished at batch {trial.steps}; last checkpoint: {trial.last_checkpoint}", flush=True)
             if trial.last_checkpoint and (Path(trial.last_checkpoint) / "genotype.json").exists():
-                print(f"[{trial.name}] genotype: {trial.current_genotype()}", flush=True)
+                print(f"[{trial.name}] genotype: {trial.current_genotype() or WARMUP_LABEL}", flush=True)
                 print(f"[{trial.name}] genotype.json: {Path(trial.last_checkpoint) / 'genotype.json'}", flush=True)
             report = write_report(output, trial.name, trial.observer.history, trial.current_genotype(),
                                   trial.observer.cost.totals(trial.steps), name,

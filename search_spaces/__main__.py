@@ -1,6 +1,11 @@
-"""Command line: ``python -m search_spaces describe GENOTYPE [--space ...] [--init-channels C]
-[--layers L] [--classes K] [--plot cell.png|cell.svg]`` prints one JSON line describing the
-genotype's network and, with ``--plot``, draws its cells."""
+"""Command line:
+
+* ``python -m search_spaces describe GENOTYPE [--space ...] [--init-channels C] [--layers L]
+  [--classes K] [--plot cell.png|cell.svg]`` prints one JSON line describing the genotype's
+  network and, with ``--plot``, draws its cells;
+* ``python -m search_spaces lookup CELL --benchmark FILE [--dataset cifar10] [--epochs 200]``
+  prints one JSON line with the benchmark's accuracy of a NAS-Bench-201 cell (an arch string,
+  a search's genotype.json or a checkpoint directory holding one)."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +48,22 @@ def plot(genotype_spec: str, space: str | None, path: str) -> None:
     save(cell_figure(parse_genotype(genotype_spec, space)), path)
 
 
+def lookup(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from .nb201_benchmark import Benchmark, BenchmarkSettings
+
+    spec = args.cell
+    if Path(spec).is_dir() and (Path(spec) / "genotype.json").is_file():
+        spec = str(Path(spec) / "genotype.json")
+    genotype = parse_genotype(spec, "nas-bench-201")
+    bench = Benchmark(BenchmarkSettings(file=str(Path(args.benchmark).resolve()), dataset=args.dataset,
+                                        epochs=args.epochs))
+    score = bench.score(genotype.to_str())
+    return {"arch": score.arch, "dataset": args.dataset, "epochs": args.epochs, **score.metrics(),
+            "file": str(bench.path), "format": bench.kind}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m search_spaces", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,8 +76,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="cells (darts, default 20) or cells per stage (nas-bench-201, default 5)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--plot", default=None, metavar="FILE", help="draw the cells to FILE (.png or .svg)")
+    q = sub.add_parser("lookup", help="the benchmark's accuracy of a NAS-Bench-201 cell")
+    q.add_argument("cell", help="arch string (|nor_conv_3x3~0|+...), a genotype.json or a checkpoint directory")
+    q.add_argument("--benchmark", required=True, metavar="FILE",
+                   help="NATS-Bench topology -simple directory or .tar, NAS-Bench-201 .pth, or CSV")
+    q.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or ImageNet16-120")
+    q.add_argument("--epochs", type=int, default=200, help="the benchmark's schedule: 200 or 12")
     args = parser.parse_args(argv)
     try:
+        if args.command == "lookup":
+            print(json.dumps(lookup(args)))
+            return 0
         out = describe(args)
         if args.plot:
             plot(args.genotype, args.space, args.plot)

@@ -248,3 +248,21 @@ def test_darts_candidates_yaml_passes_determineds_schemas(tmp_path):
     assert cfg.candidate_metrics(parse_genotype(cfg.genotype)) == {
         "candidate_rank": 1, "candidate_run": str(tmp_path / "r"), "candidate_checkpoint": "u2",
         "candidate_step": 20, "candidate_seed": 0, "candidate_optimizer": "gaea", "candidate_search_accuracy": 0.5}
+
+
+def test_warm_up_genotypes_are_no_candidates_and_benchmark_scores_are_shown(tmp_path):
+    """A genotype.json written during the weights-only warm-up (the argmax of a tie) is skipped;
+    a NAS-Bench-201 search's benchmark score goes into the header and the provenance."""
+    warm = fake_checkpoint(tmp_path, "run", "u1", A, 10, accuracy=0.3)
+    data = json.loads((warm / "genotype.json").read_text())
+    (warm / "genotype.json").write_text(json.dumps({**data, "warmup": "untouched"}))
+    scored = fake_checkpoint(tmp_path, "run", "u2", B, 20, accuracy=0.2)
+    data = json.loads((scored / "genotype.json").read_text())
+    (scored / "genotype.json").write_text(json.dumps({**data, "benchmark": {"benchmark_test_accuracy": 93.5}}))
+    found = collect([str(tmp_path / "run")])
+    assert [f.genotype.to_str() for f in found] == [B]
+    config, comment = build(found, rank(found, 2), load_config(NB201_BASE), str(NB201_BASE), "best")
+    assert "benchmark test accuracy 93.50%" in comment
+    assert config["hyperparameters"]["candidates"]["val"][0]["benchmark_test_accuracy"] == 93.5
+    with pytest.raises(CandidatesError, match="weights-only warm-up"):
+        collect([str(warm / "genotype.json")])

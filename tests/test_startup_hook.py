@@ -120,6 +120,24 @@ def test_every_dataset_has_its_needs_listed():
     assert set(needs.BY_DATASET) == set(sources.dataset_names())
 
 
+def test_a_searchs_benchmark_file_names_its_package():
+    """The hook installs nats_bench or nas-bench-201 only when a search names such a file."""
+    from search_spaces import nb201_benchmark
+
+    assert set(needs.BY_BENCHMARK) == set(nb201_benchmark.FORMATS)
+    config = lambda file: {"hyperparameters": {"benchmark": {"file": file, "dataset": "cifar10"}}}  # noqa: E731
+    assert needs.benchmark_kind(config("/data/NATS-tss-v1_0-3ffb9-simple")) == "nats"
+    assert needs.benchmark_kind(config("/data/NATS-tss-v1_0-3ffb9-simple.tar")) == "nats"
+    assert needs.benchmark_kind(config("NAS-Bench-201-v1_1-096897.pth")) == "nas-bench-201"
+    assert needs.benchmark_kind(config("scores.csv")) == "csv"
+    assert needs.benchmark_kind({"hyperparameters": {"benchmark": {"type": "const", "val": {"file": "b.pth"}}}}) \
+        == "nas-bench-201"
+    assert needs.benchmark_kind({"hyperparameters": {}}) is None
+    assert needs.needed(["cifar10"], "nats")["nats_bench"] == "nats_bench"
+    assert needs.needed(["cifar10"], "nas-bench-201")["nas_201_api"] == "nas-bench-201"
+    assert set(needs.needed(["cifar10"], "csv")) == set(needs.needed(["cifar10"]))
+
+
 def test_needs_by_dataset_and_fallback():
     assert needs.datasets_of({}) == ["cifar10"]
     assert needs.datasets_of({"data": {"dataset": "image_folder", "fallback": "digits"}}) == ["image_folder", "digits"]
