@@ -24,6 +24,29 @@ def run_model_def(*args: str, nproc: int = 1, timeout: int = 300, env: dict | No
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_in_process(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """model_def.py's ``main`` in this process, without the ~4 s of imports a new process pays:
+    its exit code and what it printed. ``main`` changes the working directory and
+    XDG_DATA_HOME; both are restored."""
+    import contextlib
+    import io
+
+    import pytest
+
+    import model_def
+    from nas_trial.runner import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("XDG_DATA_HOME", str(Path(cwd) / "xdg"))
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args), model_def.trial_class)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def checkpoints(output: Path) -> dict[int, Path]:
     """Checkpoint directories under a run's --output, by batches trained."""
     out = {}

@@ -11,7 +11,7 @@ import pytest
 
 from nas_trial.config import RetrainConfig, SearchConfig
 from nas_trial.runner import load_config, pick_hparams
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_in_process
 
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
 CHECKER = ROOT.parent / "shared" / "tools" / "expconf_check.py"
@@ -134,15 +134,12 @@ def _set_args(point: dict, prefix: str = "") -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path,point", list(_cases()))
-def test_trial_of_each_point_trains_one_batch(tmp_path, path, point, monkeypatch, capfd):
+def test_trial_of_each_point_trains_one_batch(tmp_path, path, point):
     """The trial each sampled point builds, at the YAML's model sizes, on offline digits
     (resized to 32x32 where a DARTS evaluation network's auxiliary head needs it), through the
-    command line's own ``main`` in this process (a new process per point cost ~4 s of imports
-    each). A DARTS retraining point trains its batch at 16 images: its 20-cell network at the
-    YAMLs' 96-256 took up to 76 s a point on 2 CPU cores, and the batch size changes no code path."""
-    import model_def
-    from nas_trial.runner import main
-
+    command line's own ``main`` in this process. A DARTS retraining point trains its batch at
+    16 images: its 20-cell network at the YAMLs' 96-256 took up to 76 s a point on 2 CPU
+    cores, and the batch size changes no code path."""
     retrain = "genotype" in point
     if retrain and point.get("space") == "darts":
         point = {**point, "global_batch_size": 16}
@@ -151,13 +148,10 @@ def test_trial_of_each_point_trains_one_batch(tmp_path, path, point, monkeypatch
             "--set", "data.num_workers=0"]
     if retrain and point.get("space") == "darts":
         data += ["--set", "data.image_size=32"]
-    monkeypatch.chdir(tmp_path)                     # main changes both; the test restores them
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    code = main([str(path), *_set_args(point), *data, "--max-batches", "1", "--output", str(tmp_path / "o")],
-                model_def.trial_class)
-    out, err = capfd.readouterr()
-    assert code == 0, out[-2000:] + err[-3000:]
-    assert "finished at batch 1" in out and "validation at step 1" in out
+    proc = run_in_process(str(path), *_set_args(point), *data, "--max-batches", "1", "--output", str(tmp_path / "o"),
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "finished at batch 1" in proc.stdout and "validation at step 1" in proc.stdout
 
 
 REFERENCE_NB201 = {  # liamcli/gaea_release: configs/cnn/mode/search_nasbench201.yaml, edarts method, README command

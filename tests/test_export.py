@@ -11,7 +11,7 @@ import torch
 
 from nas_trial import export
 from tests.conftest import require_cifar
-from tests.helpers import checkpoints, run_model_def, write_config
+from tests.helpers import checkpoints, run_in_process, write_config
 
 NETWORKS = {
     # the auxiliary head is trained and must not be exported
@@ -33,7 +33,7 @@ def retrained(tmp_path_factory):
     for name, hp in NETWORKS.items():
         cfg = write_config(tmp / f"{name}.yaml", {"global_batch_size": 16, "epochs": 1, **hp},
                            {"dataset": "image_folder", "root": str(root), "subset": 300, "test_subset": 400})
-        proc = run_model_def(str(cfg), "--max-batches", "3", "--output", str(tmp / name))
+        proc = run_in_process(str(cfg), "--max-batches", "3", "--output", str(tmp / name), cwd=tmp)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = tmp / name
     return runs
@@ -107,7 +107,7 @@ def bad_sources(retrained, tmp_path_factory):
     cfg = write_config(tmp / "search.yaml", {"global_batch_size": 16, "space": "nas-bench-201",
                                              "space_args": {"C": 4, "layers": 1}, "optimizer": "gaea", "epochs": 1},
                        {"dataset": "digits", "subset": 200})
-    proc = run_model_def(str(cfg), "--max-batches", "2", "--output", str(search))
+    proc = run_in_process(str(cfg), "--max-batches", "2", "--output", str(search), cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (tmp / "taken").mkdir()
     (tmp / "taken" / "x").write_text("x")

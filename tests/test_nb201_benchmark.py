@@ -13,7 +13,7 @@ import pytest
 from search_spaces.nb201_benchmark import Benchmark, BenchmarkError, BenchmarkSettings
 from tests.benchmark_files import ALL_3X3, ALL_SKIP, WRITERS, accuracies, write_csv
 from tests.conftest import require_cifar
-from tests.helpers import ROOT, checkpoints, run_model_def, write_config
+from tests.helpers import ROOT, checkpoints, run_in_process, write_config
 from tests.test_observe import read_events
 
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
@@ -27,8 +27,8 @@ def _search(tmp_path, name, benchmark_file, extra=()):
     cfg = write_config(tmp_path / f"{name}.yaml", SEARCH,
                        {"dataset": "image_folder", "root": str(require_cifar()), "subset": 320})
     out = tmp_path / name
-    proc = run_model_def(str(cfg), "--output", str(out), "--set", f"benchmark.file={benchmark_file}", *extra,
-                         env={"NAS_DATA_CACHE": str(tmp_path / "cache")})
+    proc = run_in_process(str(cfg), "--output", str(out), "--set", f"benchmark.file={benchmark_file}", *extra,
+                          cwd=tmp_path, env={"NAS_DATA_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc, out
 

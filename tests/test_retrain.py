@@ -16,15 +16,16 @@ SMALL_DARTS = {"space": "darts", "global_batch_size": 32, "init_channels": 8, "l
 def test_darts_v2_retraining_learns_on_real_cifar10(tmp_path):
     root = require_cifar()
     cfg = write_config(tmp_path / "exp.yaml", {"genotype": "DARTS_V2", **SMALL_DARTS},
-                       {"dataset": "image_folder", "root": str(root), "subset": 3000, "test_subset": 1000})
-    proc = run_model_def(str(cfg), "--max-batches", "300", "--validate-every", "150", "--output", str(tmp_path / "o"))
+                       {"dataset": "image_folder", "root": str(root), "subset": 3000, "test_subset": 500})
+    # 200 steps of 32 (2026-12-07: val_accuracy 0.41, test_accuracy 0.37 on 500 test images)
+    proc = run_model_def(str(cfg), "--max-batches", "200", "--validate-every", "200", "--output", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if "validation at step 300" in l][0]
+    line = [l for l in proc.stdout.splitlines() if "validation at step 200" in l][0]
     metrics = dict(re.findall(r"(\w+) ([0-9.e+-]+)", line.split(":", 1)[1]))
     # 10 classes: chance is 0.10
     assert float(metrics["val_accuracy"]) > 0.3 and float(metrics["test_accuracy"]) > 0.3, line
     assert float(metrics["params"]) < float(metrics["params_with_auxiliary"]) and float(metrics["macs"]) > 0
-    assert 300 in checkpoints(tmp_path / "o")
+    assert 200 in checkpoints(tmp_path / "o")
 
 
 @pytest.mark.slow
