@@ -12,7 +12,7 @@ from nas_trial.candidates import CandidatesError, build, collect, rank
 from nas_trial.runner import load_config
 from search_spaces import DartsGenotype, parse_genotype
 from tests.conftest import require_cifar
-from tests.helpers import ROOT, checkpoints, run_model_def, write_config
+from tests.helpers import ROOT, checkpoints, run_in_process, write_config
 
 CHECKER = ROOT.parent / "shared" / "tools" / "expconf_check.py"
 NB201_BASE = ROOT / "experiments" / "retrain-nb201-asha.yaml"
@@ -196,8 +196,8 @@ def test_two_searches_to_one_checked_yaml_that_retrains_each_candidate(tmp_path)
                         "learning_rate": 0.05, "seed": 0},
                        {"dataset": "image_folder", "root": str(root), "subset": 300})
     for name, seed in (("s0", 0), ("s1", 1)):
-        proc = run_model_def(str(cfg), "--max-batches", "6", "--validate-every", "3", "--set", f"seed={seed}",
-                             "--output", str(tmp_path / name))
+        proc = run_in_process(str(cfg), "--max-batches", "6", "--validate-every", "3", "--set", f"seed={seed}",
+                             "--output", str(tmp_path / name), cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     written = {json.loads((d / "genotype.json").read_text())["genotype"]
                for name in ("s0", "s1") for d in checkpoints(tmp_path / name).values()}
@@ -218,10 +218,10 @@ def test_two_searches_to_one_checked_yaml_that_retrains_each_candidate(tmp_path)
         assert p["run"] in (str(tmp_path / "s0"), str(tmp_path / "s1"))
         assert (Path(p["run"]) / "determined" / p["checkpoint"] / "genotype.json").exists()
     for i, genotype in enumerate(vals):
-        proc = run_model_def(str(out), "--set", f"genotype={genotype!r}", "--set", "init_channels=4", "--set",
+        proc = run_in_process(str(out), "--set", f"genotype={genotype!r}", "--set", "init_channels=4", "--set",
                              "layers=1", "--set", "global_batch_size=16", "--set", f"data.root={root}", "--set",
                              "data.subset=200", "--set", "data.test_subset=50", "--set", "data.num_workers=0",
-                             "--max-batches", "2", "--output", str(tmp_path / f"r{i}"))
+                             "--max-batches", "2", "--output", str(tmp_path / f"r{i}"), cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert f"[retrain] genotype: {genotype}" in proc.stdout
         assert f"candidate_rank {i + 1}" in proc.stdout and f"candidate_checkpoint {prov[i]['checkpoint']}" in proc.stdout

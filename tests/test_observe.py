@@ -14,7 +14,7 @@ from PIL import Image
 import search_spaces
 from search_spaces import parse_genotype
 from tests.conftest import require_cifar
-from tests.helpers import ROOT, checkpoints, load_state, run_model_def, write_config
+from tests.helpers import ROOT, checkpoints, load_state, run_in_process, write_config
 
 NB201 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|skip_connect~1|+|nor_conv_1x1~0|none~1|avg_pool_3x3~2|"
 COST_KEYS = {"wall_s", "s_per_step", "images_per_s", "peak_memory_gb", "device", "device_count", "device_hours"}
@@ -94,7 +94,7 @@ def test_search_writes_tensorboard_report_and_cost(tmp_path):
                         "space_args": {"C": 4, "layers": 3, "partial_channels": 2, "edge_normalization": True}},
                        {"dataset": "image_folder", "root": str(root), "subset": 300})
     out = tmp_path / "out"
-    proc = run_model_def(str(cfg), "--max-batches", "6", "--validate-every", "3", "--output", str(out))
+    proc = run_in_process(str(cfg), "--max-batches", "6", "--validate-every", "3", "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     acc = read_events(out / "tensorboard")
     scalars = set(acc.Tags()["scalars"])
@@ -144,10 +144,10 @@ def test_resumed_search_reports_the_whole_history_and_gdas_probabilities(tmp_pat
                         "optimizer": "gdas", "epochs": 2, "seed": 0},
                        {"dataset": "digits", "subset": 400})
     out = tmp_path / "out"
-    proc = run_model_def(str(cfg), "--max-batches", "4", "--validate-every", "2", "--output", str(out))
+    proc = run_in_process(str(cfg), "--max-batches", "4", "--validate-every", "2", "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_model_def(str(cfg), "--max-batches", "8", "--validate-every", "2", "--output", str(out),
-                         "--resume", str(checkpoints(out)[4]))
+    proc = run_in_process(str(cfg), "--max-batches", "8", "--validate-every", "2", "--output", str(out),
+                         "--resume", str(checkpoints(out)[4]), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     history = load_state(checkpoints(out)[8])["callbacks"]["observe"]["history"]
     assert [v["step"] for v in history["validation"]] == [2, 4, 6, 8]
@@ -169,7 +169,7 @@ def test_retraining_report_and_tensorboard(tmp_path):
                        {"genotype": NB201, "init_channels": 4, "layers": 1, "global_batch_size": 16, "epochs": 1},
                        {"dataset": "digits", "subset": 300, "test_subset": 50})
     out = tmp_path / "out"
-    proc = run_model_def(str(cfg), "--max-batches", "4", "--validate-every", "2", "--output", str(out))
+    proc = run_in_process(str(cfg), "--max-batches", "4", "--validate-every", "2", "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cost_s_per_step" in proc.stdout and "cost_device_hours" in proc.stdout
     acc = read_events(out / "tensorboard")

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from tests.conftest import require_cifar
-from tests.helpers import checkpoints, run_model_def, write_config
+from tests.helpers import checkpoints, run_in_process, run_model_def, write_config
 
 SMALL_DARTS = {"space": "darts", "global_batch_size": 32, "init_channels": 8, "layers": 5, "learning_rate": 0.05,
                "epochs": 4, "drop_path_prob": 0.1}
@@ -34,13 +34,13 @@ def test_search_genotype_json_feeds_a_retraining(tmp_path):
                           {"global_batch_size": 16, "space": "darts", "epochs": 1,
                            "space_args": {"C": 4, "layers": 3, "partial_channels": 2, "edge_normalization": True}},
                           {"dataset": "digits", "subset": 200})
-    proc = run_model_def(str(search), "--max-batches", "2", "--output", str(tmp_path / "s"))
+    proc = run_in_process(str(search), "--max-batches", "2", "--output", str(tmp_path / "s"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = checkpoints(tmp_path / "s")[2] / "genotype.json"
     genotype = json.loads(path.read_text())["genotype"]
     retrain = write_config(tmp_path / "retrain.yaml", {"genotype": str(path), **SMALL_DARTS, "epochs": 1},
                            {"dataset": "digits", "image_size": 32, "subset": 300, "test_subset": 50})
-    proc = run_model_def(str(retrain), "--max-batches", "2", "--output", str(tmp_path / "r"))
+    proc = run_in_process(str(retrain), "--max-batches", "2", "--output", str(tmp_path / "r"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"[retrain] genotype: {genotype}" in proc.stdout
 
@@ -55,7 +55,7 @@ def test_search_genotype_json_feeds_a_retraining(tmp_path):
 def test_bad_genotypes_get_one_line_errors(tmp_path, genotype, match):
     cfg = write_config(tmp_path / "exp.yaml", {"genotype": genotype, **SMALL_DARTS},
                        {"dataset": "digits", "image_size": 32, "subset": 300})
-    proc = run_model_def(str(cfg), "--max-batches", "1", "--output", str(tmp_path / "o"))
+    proc = run_in_process(str(cfg), "--max-batches", "1", "--output", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and match in errors[0], proc.stderr[-2000:]

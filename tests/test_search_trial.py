@@ -7,7 +7,7 @@ import pytest
 
 from nas_trial.health import first_non_finite
 from nas_trial.runner import apply_overrides, load_config, pick_hparams
-from tests.helpers import checkpoints, load_state, run_model_def, write_config
+from tests.helpers import checkpoints, load_state, run_in_process, run_model_def, write_config
 
 TINY = {"global_batch_size": 16, "space": "nas-bench-201", "space_args": {"C": 4, "layers": 1},
         "optimizer": "gaea", "epochs": 2, "learning_rate": 0.05, "seed": 0}
@@ -33,7 +33,8 @@ def test_same_seed_same_architecture_other_seed_differs(tmp_path):
     cfg = tiny_config(tmp_path)
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        ok(run_model_def(str(cfg), "--max-batches", "5", "--set", f"seed={seed}", "--output", str(tmp_path / name)))
+        ok(run_in_process(str(cfg), "--max-batches", "5", "--set", f"seed={seed}", "--output", str(tmp_path / name),
+                          cwd=tmp_path))
         runs[name] = _final_state(tmp_path / name, 5)[1]
     assert runs["a"]["arch_weights"] == runs["b"]["arch_weights"] and runs["a"]["genotype"] == runs["b"]["genotype"]
     assert runs["a"]["arch_weights"] != runs["c"]["arch_weights"]
@@ -76,7 +77,8 @@ def test_divergence_stops_before_a_bad_checkpoint(tmp_path, kind):
 def test_bad_config_gets_one_line_error(tmp_path, override, match):
     cfg = write_config(tmp_path / "exp.yaml", TINY, {"dataset": "image_folder", "root": "/nonexistent/x"}
                        if override.startswith("data.") else DIGITS)
-    proc = run_model_def(str(cfg), "--max-batches", "2", "--set", override, "--output", str(tmp_path / "o"))
+    proc = run_in_process(str(cfg), "--max-batches", "2", "--set", override, "--output", str(tmp_path / "o"),
+                          cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1
@@ -105,7 +107,8 @@ def test_yaml_overrides_and_hyperparameter_points(tmp_path):
 def test_search_options_run_in_the_trial(tmp_path, option):
     cfg = tiny_config(tmp_path, space="darts", space_args={"C": 4, "layers": 3, "partial_channels": 2,
                                                            "edge_normalization": True})
-    proc = ok(run_model_def(str(cfg), "--max-batches", "2", "--set", option, "--output", str(tmp_path / "o")))
+    proc = ok(run_in_process(str(cfg), "--max-batches", "2", "--set", option, "--output", str(tmp_path / "o"),
+                             cwd=tmp_path))
     assert "finished at batch 2" in proc.stdout
 
 
