@@ -111,7 +111,12 @@ def read_retrained(source: str) -> Retrained:
                           f"--set genotype={checkpoint / 'genotype.json'}) and export that run")
     try:
         raw = RetrainConfig.from_hparams(hparams)
-        genotype = search_spaces.parse_genotype(raw.genotype, space=raw.space)
+        spec = raw.genotype
+        if spec.endswith(".json") and not Path(spec).is_absolute():
+            # a genotype.json named relative to the experiment's directory: the checkpoint's
+            # copy of the code holds it, else this project
+            spec = str(next((d / spec for d in (checkpoint / "code", PROJECT_ROOT) if (d / spec).is_file()), spec))
+        genotype = search_spaces.parse_genotype(spec, space=raw.space)
         cfg = raw.resolve(genotype.space)
     except (ValueError, search_spaces.GenotypeError) as e:
         raise ExportError(f"SOURCE {checkpoint}: its hyperparameters do not describe a retraining ({e})") from None
