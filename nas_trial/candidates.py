@@ -49,6 +49,7 @@ class Found:
     optimizer: Optional[str]
     search_accuracy: Optional[float]   # the search's val_accuracy at that checkpoint
     benchmark_test_accuracy: Optional[float] = None   # NAS-Bench-201: the benchmark's test accuracy (%) of the cell
+    warmup: bool = False              # written in the weights-only warm-up: the argmax of a tie, no candidate
 
     @property
     def key(self) -> str:
@@ -91,14 +92,7 @@ def read_genotype_file(path: Path) -> Found:
                  seed=data.get("seed") if isinstance(data.get("seed"), int) else None,
                  optimizer=data.get("optimizer") if isinstance(data.get("optimizer"), str) else None,
                  search_accuracy=accuracy, benchmark_test_accuracy=float(bench) if isinstance(bench, (int, float))
-                 else None)
-
-
-def _warmup(path: Path) -> bool:
-    try:
-        return bool(json.loads(path.read_text()).get("warmup"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False            # read_genotype_file says what is wrong with it
+                 else None, warmup=bool(data.get("warmup")))
 
 
 def collect(sources: Sequence[str]) -> list[Found]:
@@ -119,8 +113,8 @@ def collect(sources: Sequence[str]) -> list[Found]:
         for f in files:
             if f.resolve() not in seen:
                 seen.add(f.resolve())
-                if not _warmup(f):          # the argmax of untouched weights is no candidate
-                    found.append(read_genotype_file(f))
+                found.append(read_genotype_file(f))
+    found = [f for f in found if not f.warmup]          # the argmax of untouched weights is no candidate
     if not found:
         raise CandidatesError(f"every genotype.json under {', '.join(sources)} was written during the weights-only "
                               "warm-up (arch_warmup_epochs), before the architecture moved; pass finished searches")
