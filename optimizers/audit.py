@@ -54,11 +54,16 @@ class StepAudit(TorchDispatchMode):
 
 class SavedBytes:
     """Bytes of the tensors autograd saves for backward inside the ``with`` block, each
-    storage counted once; storages of ``exclude`` (the parameters) left out."""
+    storage counted once; storages of ``exclude`` (the parameters) left out.
+
+    Storages are told apart by address, so every counted one is held until the block ends:
+    a storage freed by one backward would otherwise hand its address to the next pass's
+    tensors, which would go uncounted (a bilevel step runs several passes)."""
 
     def __init__(self, exclude: Optional[Iterable[torch.Tensor]] = None):
         self.exclude = {t.untyped_storage()._cdata for t in (exclude or [])}
         self.seen: set[int] = set()
+        self._held: list = []
         self.bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
@@ -67,6 +72,7 @@ class SavedBytes:
         key = storage._cdata
         if key not in self.seen and key not in self.exclude:
             self.seen.add(key)
+            self._held.append(storage)
             self.bytes += storage.nbytes()
         return t
 
@@ -76,3 +82,4 @@ class SavedBytes:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        self._held.clear()
