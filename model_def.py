@@ -168,6 +168,13 @@ class SearchTrial(_Trial):
         cfg = SearchConfig.from_hparams(hparams)
         if cfg.benchmark_settings is not None:
             Benchmark(cfg.benchmark_settings).open()       # a missing or unreadable file: one line, before the run
+        if cfg.budget_settings is not None:                # a bad table or target: one line, before the run
+            b = cfg.budget_settings
+            ops = search_spaces.get_space(cfg.space).ops
+            if cfg.space_args.get("exclude_none"):
+                ops = tuple(op for op in ops if op != "none")
+            b.cost_table(cfg.space, b.classes or 10, nodes=cfg.space_args.get("nodes", 4),
+                         multiplier=cfg.space_args.get("multiplier", 4), op_names=ops)
         super().check_settings(hparams, data)
 
     def __init__(self, context: PyTorchTrialContext) -> None:
@@ -197,7 +204,10 @@ class SearchTrial(_Trial):
         self.supernet = optimizers.prepare_supernet(supernet, channels_last=cfg.channels_last, compile=cfg.compile,
                                                     device=context.device)
         self.model = context.wrap_model(supernet)
-        self.arch = optimizers.create(cfg.optimizer, supernet, cfg.arch_settings, seed=cfg.seed)
+        budget = (optimizers.CostBudget.from_settings(cfg.budget_settings, supernet, self.data.num_classes,
+                                                      device=context.device)
+                  if cfg.budget_settings is not None else None)
+        self.arch = optimizers.create(cfg.optimizer, supernet, cfg.arch_settings, seed=cfg.seed, budget=budget)
         self.w_opt = context.wrap_optimizer(torch.optim.SGD(
             supernet.weight_parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
         self.lr_scheduler = context.wrap_lr_scheduler(
@@ -266,6 +276,7 @@ class SearchTrial(_Trial):
         metrics["genotype"] = genotype or WARMUP_LABEL
         if genotype is not None and self.benchmark is not None:
             metrics.update(self.benchmark_scores(genotype))
+        metrics.update(self.budget_metrics())
         metrics.update(self.observer.cost.metrics(self.steps))
         self.last_validation_step = self.steps
         self.progress.validation(self.steps, metrics)
@@ -299,6 +310,26 @@ class SearchTrial(_Trial):
                 print(f"[{self.name}] warning: {e}; no benchmark score for it", file=sys.stderr, flush=True)
             return {}
 
+    def budget_metrics(self) -> dict[str, Any]:
+        """Under a budget: ``budget_cell`` (the current cell's cost in the target network),
+        ``budget_target``, and for the learning optimizers ``budget_expected`` (under the
+        architecture distribution) and ``budget_multiplier``."""
+        b = self.arch.budget
+        if b is None:
+            return {}
+        metrics = b.metrics(self.arch.probabilities()) if self.arch.learns else {"budget_target": b.target}
+        metrics["budget_cell"] = b.table.cost(self.arch.genotype())
+        return metrics
+
+    def budget_record(self, genotype: Any) -> dict[str, Any]:
+        """What genotype.json says of the cell against the budget."""
+        b = self.arch.budget
+        cost = b.table.cost(genotype)
+        return {"metric": b.table.metric, "target": b.target, "cell": cost, "within": cost <= b.target,
+                "network": b.table.network.describe(), "multiplier": float(b.multiplier),
+                **({"table": self.cfg.budget_settings.table, "measured": b.table.measured}
+                   if b.table.metric == "latency_ms" else {})}
+
     def arch_snapshot(self) -> dict[str, Any]:
         """Per cell type, the op weights (edges x ops) and, with edge normalization, the per-node
         edge weights; for sampled methods (GDAS, random) the sampling probabilities."""
@@ -320,6 +351,8 @@ class SearchTrial(_Trial):
             extra["benchmark"] = {"file": str(self.benchmark.path), "format": self.benchmark.kind,
                                   "dataset": s.dataset, "epochs": s.epochs,
                                   **({} if extra.get("warmup") else self.benchmark_scores(genotype.to_str()))}
+        if self.arch.budget is not None:
+            extra["budget"] = self.budget_record(genotype)
         write_json(checkpoint_dir / "genotype.json", {
             **genotype.to_json(), **extra, "step": self.steps, "epoch": self.steps / self.epoch_len,
             "optimizer": self.cfg.optimizer, "seed": self.cfg.seed, "op_names": list(self.supernet.op_names),

@@ -54,6 +54,8 @@ class SearchConfig:
     compile: bool = False                     # torch.compile the supernet's forward (same math)
     benchmark: Optional[dict] = None          # NAS-Bench-201: {file, dataset, epochs}; the benchmark's accuracy of
                                               # the cell at every validation (search_spaces/nb201_benchmark.py)
+    budget: Optional[dict] = None             # {metric: params|macs|latency_ms, target, ...}: the cell's cost in
+                                              # the retrained network stays within target (optimizers/budget.py)
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "SearchConfig":
@@ -62,6 +64,17 @@ class SearchConfig:
     @property
     def benchmark_settings(self) -> Optional[BenchmarkSettings]:
         return settings_from(self.benchmark)
+
+    @property
+    def budget_settings(self) -> Optional[optimizers.BudgetSettings]:
+        if self.budget is None:
+            return None
+        if not isinstance(self.budget, dict):
+            raise ValueError(f"budget must be a mapping {{metric, target, ...}}, got {self.budget!r}")
+        missing = [k for k in ("metric", "target") if k not in self.budget]
+        if missing:
+            raise ValueError(f"budget needs {' and '.join(missing)} (e.g. budget: {{metric: params, target: 2.5e6}})")
+        return from_mapping(optimizers.BudgetSettings, self.budget, "budget")
 
     def __post_init__(self) -> None:
         search_spaces.get_space(self.space)
@@ -91,6 +104,7 @@ class SearchConfig:
                 raise ValueError(f"benchmark scores NAS-Bench-201 cells, and this search's space is {self.space!r}; "
                                  "remove benchmark or search space nas-bench-201")
             settings_from(self.benchmark)
+        self.budget_settings   # noqa: B018  (validates)
 
     @property
     def arch_settings(self) -> Mapping[str, Any]:

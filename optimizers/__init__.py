@@ -10,12 +10,13 @@ No Determined import here.
 """
 from .architecture import (ArchitectureOptimizer, Darts, Gaea, GaeaGdas, Gdas, RandomSearch, create, entropy_stats,
                            get, names, register)
+from .budget import BudgetSettings, CostBudget
 from .eg import ExponentiatedGradient
 from .search import NonFiniteLossError, StepResult, prepare_supernet, search_step
 from .settings import DartsSettings, GaeaGdasSettings, GaeaSettings, GdasSettings, RandomSettings
 
 __all__ = [
-    "ArchitectureOptimizer", "Darts", "DartsSettings", "ExponentiatedGradient", "Gaea", "GaeaGdas",
+    "ArchitectureOptimizer", "BudgetSettings", "CostBudget", "Darts", "DartsSettings", "ExponentiatedGradient", "Gaea", "GaeaGdas",
     "GaeaGdasSettings", "GaeaSettings", "Gdas", "GdasSettings", "NonFiniteLossError", "RandomSearch",
     "RandomSettings", "StepResult", "create", "entropy_stats", "get", "names", "prepare_supernet",
     "register", "search_step",

@@ -27,6 +27,7 @@ from torch import nn
 from search_spaces import CellWeights
 from search_spaces.genotypes import DartsGenotype, NB201Genotype
 
+from .budget import CostBudget
 from .eg import ExponentiatedGradient
 from nas_settings import from_mapping
 
@@ -44,7 +45,8 @@ class ArchitectureOptimizer:
     sampled: ClassVar[bool] = False     # one op per edge per step (unused ops cost nothing)
     learns: ClassVar[bool] = True       # has an update step
 
-    def __init__(self, supernet: nn.Module, settings: Any = None, *, seed: int = 0):
+    def __init__(self, supernet: nn.Module, settings: Any = None, *, seed: int = 0,
+                 budget: Optional[CostBudget] = None):
         if settings is None or isinstance(settings, Mapping):
             settings = from_mapping(self.Settings, settings, f"architecture optimizer {self.name!r}")
         if not isinstance(settings, self.Settings):
@@ -58,6 +60,7 @@ class ArchitectureOptimizer:
         self.weight_named_parameters = [(n, p) for n, p in supernet.named_parameters() if id(p) not in arch_ids]
         self.generator = torch.Generator().manual_seed(seed)
         self.progress = 0.0
+        self.budget = budget
         self.reset_parameters()
         self.optimizer: Optional[torch.optim.Optimizer] = self.build_optimizer()
 
@@ -72,11 +75,18 @@ class ArchitectureOptimizer:
         """What the supernet's forward consumes now; ``detach`` for the weight step."""
         raise NotImplementedError
 
+    def distribution(self) -> Weights:
+        """Per-edge distributions over ops (and per-node over edges), differentiable in the
+        architecture parameters: what a cost budget's expected cost is taken over."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def probabilities(self) -> Weights:
-        """Per-edge distributions over ops (and per-node over edges), detached: what the
-        genotype is derived from and what the entropy metrics describe."""
-        raise NotImplementedError
+        """``distribution()``, detached: what the genotype is derived from and what the
+        entropy metrics describe."""
+        return {ct: CellWeights(cw.ops.detach(), [e.detach() for e in cw.edges] if cw.edges is not None else None,
+                                dense=cw.dense)
+                for ct, cw in self.distribution().items()}
 
     def genotype(self):
         return self.supernet.genotype(self.probabilities())
@@ -100,9 +110,18 @@ class ArchitectureOptimizer:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def budget_penalty(self) -> Optional[torch.Tensor]:
+        """``multiplier * E[cost] / target`` (a 0-d tensor added to the architecture loss), or
+        None without a budget."""
+        if self.budget is None or not self.learns:
+            return None
+        return self.budget.penalty(self.distribution())
+
     def step(self) -> None:
         if self.optimizer is not None:
             self.optimizer.step()
+            if self.budget is not None:
+                self.budget.ascend(self.probabilities())
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:
@@ -115,7 +134,8 @@ class ArchitectureOptimizer:
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "progress": self.progress, "generator": self.generator.get_state(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "budget": self.budget.state_dict() if self.budget is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("name") != self.name:
@@ -124,6 +144,8 @@ class ArchitectureOptimizer:
         self.generator.set_state(state["generator"])
         if self.optimizer is not None and state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.budget is not None and state.get("budget") is not None:
+            self.budget.load_state_dict(state["budget"])
 
     # -- helpers ---------------------------------------------------------------------------
     def _tensors(self) -> dict[str, tuple[nn.Parameter, Optional[Sequence[nn.Parameter]]]]:
@@ -166,9 +188,8 @@ class Gaea(ArchitectureOptimizer):
                                 [_maybe_detach(e, detach) for e in edges] if edges is not None else None, dense=dense)
                 for ct, (ops, edges) in self._tensors().items()}
 
-    @torch.no_grad()
-    def probabilities(self) -> Weights:
-        return self.weights(detach=True)
+    def distribution(self) -> Weights:
+        return Gaea.weights(self)
 
 
 # ----------------------------------------------------------------------------------- DARTS
@@ -192,9 +213,8 @@ class Darts(ArchitectureOptimizer):
         return {ct: CellWeights(F.softmax(_maybe_detach(ops, detach), dim=-1), self._edges(edges, detach), dense=True)
                 for ct, (ops, edges) in self._tensors().items()}
 
-    @torch.no_grad()
-    def probabilities(self) -> Weights:
-        return self.weights(detach=True)
+    def distribution(self) -> Weights:
+        return Darts.weights(self)
 
 
 # ------------------------------------------------------------------------------------ GDAS
@@ -232,10 +252,6 @@ class Gdas(Darts):
                                   active=tuple((int(k),) for k in index))
         return out
 
-    @torch.no_grad()
-    def probabilities(self) -> Weights:
-        return Darts.weights(self, detach=True)
-
 
 class GaeaGdas(Gdas):
     """GDAS sampling from simplex parameters updated by exponentiated gradient."""
@@ -252,9 +268,7 @@ class GaeaGdas(Gdas):
     def _edges(self, edges, detach):
         return [_maybe_detach(e, detach) for e in edges] if edges is not None else None
 
-    @torch.no_grad()
-    def probabilities(self) -> Weights:
-        return Gaea.weights(self, detach=True)
+    distribution = Gaea.distribution
 
 
 # ------------------------------------------------------------------------ random search
@@ -295,6 +309,9 @@ def _sample_per_edge(supernet: nn.Module, generator: torch.Generator) -> tuple[W
 _SAMPLERS: dict[str, Callable[[nn.Module, torch.Generator], tuple[Weights, Any]]] = {"darts": _sample_darts}
 
 
+MAX_DRAWS = 10_000      # random cells drawn per sample before a budget is called too tight for random search
+
+
 class RandomSearch(ArchitectureOptimizer):
     """Random search with weight sharing (Li & Talwalkar, 2019)."""
 
@@ -311,8 +328,16 @@ class RandomSearch(ArchitectureOptimizer):
         return None
 
     def sample(self, generator: Optional[torch.Generator] = None) -> tuple[Weights, Any]:
+        """A uniformly drawn architecture; under a budget, uniform over the cells within it
+        (drawn until one is)."""
         sampler = _SAMPLERS.get(getattr(self.supernet, "space", ""), _sample_per_edge)
-        weights, genotype = sampler(self.supernet, generator or self.generator)
+        for _ in range(MAX_DRAWS):
+            weights, genotype = sampler(self.supernet, generator or self.generator)
+            if self.budget is None or self.budget.within(genotype):
+                break
+        else:
+            raise ValueError(f"random search: none of {MAX_DRAWS} random cells is within the budget "
+                             f"({self.budget.target:g} {self.budget.table.metric}); raise the target")
         device = next(self.supernet.parameters()).device
         for cw in weights.values():
             cw.ops = cw.ops.to(device)
@@ -428,9 +453,11 @@ def get(name: str) -> type[ArchitectureOptimizer]:
         raise ValueError(f"unknown architecture optimizer {name!r}; valid optimizers: {', '.join(_REGISTRY)}") from None
 
 
-def create(name: str, supernet: nn.Module, settings: Any = None, *, seed: int = 0) -> ArchitectureOptimizer:
-    """``create("gaea", supernet, {"lr": 0.1})``: settings as a dict (validated) or a settings object."""
-    return get(name)(supernet, settings, seed=seed)
+def create(name: str, supernet: nn.Module, settings: Any = None, *, seed: int = 0,
+           budget: Optional[CostBudget] = None) -> ArchitectureOptimizer:
+    """``create("gaea", supernet, {"lr": 0.1})``: settings as a dict (validated) or a settings
+    object; ``budget``: a cost constraint the search meets (``optimizers.budget``)."""
+    return get(name)(supernet, settings, seed=seed, budget=budget)
 
 
 def entropy_stats(probs: Weights) -> dict[str, float]:

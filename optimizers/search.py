@@ -146,7 +146,8 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
             logits = functional_call(supernet, detached_weights(arch), (x_val, arch.weights()), strict=False)
             arch_loss = criterion(_loss_precision(logits), y_val)
         finite.append(_finite([arch_loss], "the architecture loss", check_finite))
-        torch.autograd.backward(arch_loss, inputs=arch.parameters())
+        penalty = arch.budget_penalty()            # a budget's multiplier * expected cost / target
+        torch.autograd.backward(arch_loss if penalty is None else arch_loss + penalty, inputs=arch.parameters())
         arch.sync_grads()
         finite += [_finite(g, "an architecture gradient", check_finite) for g in [_grads(arch)] if g]
         arch.step()
@@ -160,7 +161,8 @@ def search_step(model: nn.Module, arch: ArchitectureOptimizer, x_train: torch.Te
         loss = criterion(_loss_precision(logits), y_train)
     finite.append(_finite([loss], "the training loss", check_finite))
     unused = unreachable_parameters(loss, [p for _, p in arch.weight_named_parameters]) if ddp_unused else []
-    weight_backward(zero_touch(loss, unused))
+    penalty = arch.budget_penalty() if single else None
+    weight_backward(zero_touch(loss if penalty is None else loss + penalty, unused))
     for p in unused:
         p.grad = None
     if single:

@@ -5,7 +5,12 @@
   network and, with ``--plot``, draws its cells;
 * ``python -m search_spaces lookup CELL --benchmark FILE [--dataset cifar10] [--epochs 200]``
   prints one JSON line with the benchmark's accuracy of a NAS-Bench-201 cell (an arch string,
-  a search's genotype.json or a checkpoint directory holding one)."""
+  a search's genotype.json or a checkpoint directory holding one);
+* ``python -m search_spaces profile --space darts --out table.json [--variant cifar]
+  [--init-channels C] [--layers L] [--classes K] [--batch 1] [--precision fp32]
+  [--device cpu] [--repeats 20] [--genotypes 20]`` measures a latency table of the target
+  network (``search_spaces/latency.py``) for a search's ``budget: {metric: latency_ms}`` and
+  prints one JSON line with its error against whole networks."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +21,8 @@ import sys
 from nas_settings import ArgumentParser
 
 from . import GenotypeError, count_macs, count_parameters, create_network, parse_genotype, space_names
+from .cost import DEFAULT_TARGETS, TargetNetwork
 
-DEFAULTS = {"darts": {"C": 36, "layers": 20}, "nas-bench-201": {"C": 16, "layers": 5}}
 
 
 def describe(args: argparse.Namespace) -> dict:
@@ -27,9 +32,9 @@ def describe(args: argparse.Namespace) -> dict:
     if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg"):
         raise ValueError(f"--plot {args.plot!r}: the file name must end in .png or .svg")
     genotype = parse_genotype(args.genotype, args.space)
-    d = DEFAULTS[genotype.space]
-    C = args.init_channels if args.init_channels is not None else d["C"]
-    layers = args.layers if args.layers is not None else d["layers"]
+    C_default, layers_default = DEFAULT_TARGETS[(genotype.space, "cifar")]
+    C = args.init_channels if args.init_channels is not None else C_default
+    layers = args.layers if args.layers is not None else layers_default
     net = create_network(genotype, C=C, layers=layers, num_classes=args.classes,
                          auxiliary=genotype.space == "darts")
     params = count_parameters(net)
@@ -64,6 +69,28 @@ def lookup(args: argparse.Namespace) -> dict:
             "file": str(bench.path), "format": bench.kind}
 
 
+def profile(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    from .latency import measure_table
+
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: give a file name in an existing folder")
+    target = TargetNetwork.default(args.space, args.variant, args.classes, init_channels=args.init_channels,
+                                   layers=args.layers)
+    log = (lambda m: print(m, file=sys.stderr, flush=True))
+    table = measure_table(target, batch=args.batch, precision=args.precision, device=args.device,
+                          warmup=args.warmup, repeats=args.repeats, genotypes=args.genotypes, seed=args.seed, log=log)
+    table.save(out)
+    m = table.measured
+    return {"table": str(out.resolve()), "network": target.describe(), "device": m["device"],
+            "device_name": m["device_name"], "batch": m["batch"], "precision": m["precision"],
+            "base_ms": round(table.base, 4), "cheapest_ms": round(table.cheapest()[0], 4),
+            "mape_percent": m["error"]["mape_percent"], "max_percent": m["error"]["max_percent"],
+            "genotypes": m["error"]["genotypes"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m search_spaces", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,8 +109,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="NATS-Bench topology -simple directory or .tar, NAS-Bench-201 .pth, or CSV")
     q.add_argument("--dataset", default="cifar10", help="cifar10, cifar100 or ImageNet16-120")
     q.add_argument("--epochs", type=int, default=200, help="the benchmark's schedule: 200 or 12")
+    r = sub.add_parser("profile", help="measure a latency table for a latency budget")
+    r.add_argument("--space", choices=space_names(), required=True)
+    r.add_argument("--out", required=True, metavar="FILE", help="where to write the table (JSON)")
+    r.add_argument("--variant", choices=("cifar", "imagenet"), default="cifar",
+                   help="darts: the network's stem and image size (cifar 32 px, imagenet 224 px)")
+    r.add_argument("--init-channels", type=int, default=None,
+                   help="C (default: the retraining protocol's: darts 36, or 48 for imagenet; nas-bench-201 16)")
+    r.add_argument("--layers", type=int, default=None,
+                   help="cells (darts, default 20, or 14 for imagenet) or cells per stage (nas-bench-201, default 5)")
+    r.add_argument("--classes", type=int, default=10)
+    r.add_argument("--batch", type=int, default=1, help="images per forward (default 1: one request)")
+    r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    r.add_argument("--warmup", type=int, default=5)
+    r.add_argument("--repeats", type=int, default=20, help="timed runs per op and network (the median is kept)")
+    r.add_argument("--genotypes", type=int, default=20, help="random cells whose whole networks check the model")
+    r.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        if args.command == "profile":
+            print(json.dumps(profile(args)))
+            return 0
         if args.command == "lookup":
             print(json.dumps(lookup(args)))
             return 0

@@ -35,7 +35,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        device = next(iter(model.parameters()), torch.empty(0)).device     # parameter-free ops: the CPU
         model(torch.zeros(input_size, device=device))
     finally:
         model.train(was_training)

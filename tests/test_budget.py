@@ -1,0 +1,241 @@
+"""Search under a budget: the cost model against the built networks, the device-side cost of
+the genotype rule's cell, the dual ascent in every optimizer, and the settings' one-line errors."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import optimizers
+import search_spaces
+from optimizers.budget import BudgetSettings, CostBudget
+from search_spaces.cost import CostError, CostTable, TargetNetwork, count_table, genotype_cost, random_genotype
+from tests.helpers import run_in_process, write_config
+
+SMALL = {("darts", "cifar"): (8, 5), ("darts", "imagenet"): (8, 5), ("nas-bench-201", "cifar"): (8, 2)}
+SUPERNETS = {"darts": {"C": 4, "layers": 3, "partial_channels": 2, "edge_normalization": True},
+             "nas-bench-201": {"C": 4, "layers": 1}}
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+@pytest.mark.parametrize("space,variant", list(SMALL))
+def test_cost_model_equals_what_the_built_network_counts(space, variant, metric):
+    C, layers = SMALL[(space, variant)]
+    target = TargetNetwork(space, C, layers, variant)
+    table = count_table(target, metric)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        genotype = random_genotype(target, g)
+        assert table.cost(genotype) == genotype_cost(target, genotype, metric), genotype.to_str()
+
+
+def test_cost_model_at_the_protocol_size_counts_the_published_cell():
+    target = TargetNetwork.default("darts")                       # C=36, 20 cells
+    genotype = search_spaces.parse_genotype("DARTS_V2")
+    assert count_table(target, "params").cost(genotype) == search_spaces.count_parameters(target.build(genotype))
+
+
+def _random_rows(net, g):
+    with torch.no_grad():
+        for p in net.arch_parameters():
+            r = torch.rand(p.shape, generator=g) ** 3
+            p.copy_(r / r.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("space,args", [("darts", {"edge_normalization": True}), ("darts", {"exclude_none": True}),
+                                        ("nas-bench-201", {})])
+def test_discrete_cost_on_the_device_is_the_genotype_rules_cell(space, args):
+    net = search_spaces.create(space, **{**SUPERNETS[space], **args})
+    table = count_table(TargetNetwork(space, *SMALL[(space, "cifar")]), "params")
+    budget = CostBudget(table, 1.0e6, op_names=net.op_names)
+    arch = optimizers.create("gaea", net, budget=budget)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        _random_rows(net, g)
+        got = float(budget.discrete(arch.probabilities())) * budget.target
+        assert got == pytest.approx(table.cost(arch.genotype()), rel=1e-6)
+
+
+@pytest.mark.parametrize("space", ["darts", "nas-bench-201"])
+def test_expected_cost_of_uniform_weights_is_the_mean_random_cell(space):
+    """Uniform weights are the uniform distribution over cells (DARTS: two of a node's inputs,
+    an op other than none on each): the expected cost matches the mean of 5000 drawn cells
+    (within 4 standard errors)."""
+    target = TargetNetwork(space, *SMALL[(space, "cifar")])
+    table = count_table(target, "params")
+    net = search_spaces.create(space, **SUPERNETS[space])
+    budget = CostBudget(table, 1.0, op_names=net.op_names)
+    expected = float(budget.expected(optimizers.create("gaea", net).probabilities()))
+    g = torch.Generator().manual_seed(0)
+    costs = torch.tensor([table.cost(random_genotype(target, g)) for _ in range(5000)], dtype=torch.float64)
+    assert expected == pytest.approx(float(costs.mean()), abs=4 * float(costs.std()) / 5000 ** 0.5)
+
+
+def test_the_cheapest_cell_is_no_dearer_than_any_drawn_cell():
+    for space in ("darts", "nas-bench-201"):
+        target = TargetNetwork(space, *SMALL[(space, "cifar")])
+        table = count_table(target, "macs")
+        cheapest, cell = table.cheapest()
+        assert cheapest == table.cost(cell) == genotype_cost(target, cell, "macs")
+        g = torch.Generator().manual_seed(0)
+        assert all(table.cost(random_genotype(target, g)) >= cheapest for _ in range(200))
+
+
+@pytest.mark.parametrize("bilevel", [True, False])
+def test_budget_step_has_no_host_sync(bilevel):
+    """The penalty, the dual step and the discrete cell's cost on the meta device (any host
+    read raises there)."""
+    net = search_spaces.create("darts", **SUPERNETS["darts"]).to("meta")
+    table = count_table(TargetNetwork("darts", 8, 5), "params")
+    arch = optimizers.create("gaea", net, budget=CostBudget(table, table.cheapest()[0] * 1.5, op_names=net.op_names,
+                                                            device=torch.device("meta")))
+    sgd = torch.optim.SGD(net.weight_parameters(), lr=0.05)
+    x, y = torch.randn(4, 3, 16, 16, device="meta"), torch.randint(0, 10, (4,), device="meta")
+    for _ in range(2):
+        optimizers.search_step(net, arch, x, y, x, y, bilevel=bilevel, weight_step=sgd.step, check_finite=False)
+    assert arch.budget.multiplier.device.type == "meta"
+
+
+def _learn(space, method, target_fraction, steps=60, seed=0):
+    """A tiny search on a learnable task; returns (cost of the cell found, the unconstrained
+    cell's cost, the multiplier)."""
+    torch.manual_seed(seed)
+    table = count_table(TargetNetwork(space, *SMALL[(space, "cifar")]), "params")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()
+    costs = {}
+    for name, fraction in (("free", None), ("budget", target_fraction)):
+        torch.manual_seed(seed)
+        net = search_spaces.create(space, **SUPERNETS[space], num_classes=4)
+        budget = None
+        if fraction is not None:
+            budget = CostBudget(table, fraction * costs["free"], dual_lr=0.5, op_names=net.op_names)
+        arch = optimizers.create(method, net, {"lr": 1.0, "edge_lr": 1.0} if "gaea" in method else
+                                 ({"lr": 0.05} if method in ("darts", "gdas") else None), seed=seed, budget=budget)
+        sgd = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9)
+
+        def weight_step():
+            sgd.step()
+            sgd.zero_grad(set_to_none=True)
+
+        for step in range(steps):
+            arch.set_progress(step / steps)
+            i = torch.randint(0, 64, (16,), generator=g)
+            j = torch.randint(0, 64, (16,), generator=g)
+            optimizers.search_step(net, arch, x[i], y[i], x[j], y[j], weight_step=weight_step)
+        costs[name] = table.cost(arch.genotype())
+        multiplier = float(arch.budget.multiplier) if budget is not None else 0.0
+    return costs["budget"], costs["free"], multiplier
+
+
+@pytest.mark.parametrize("method", ["gaea", "darts", "gdas", "gaea_gdas"])
+@pytest.mark.parametrize("space", ["darts", "nas-bench-201"])
+def test_every_optimizer_ends_within_the_budget(space, method):
+    found, free, multiplier = _learn(space, method, 0.6)
+    assert found <= 0.6 * free * 1.03, (found, free)
+    assert multiplier >= 0
+
+
+def test_random_search_draws_only_cells_within_the_budget():
+    net = search_spaces.create("nas-bench-201", **SUPERNETS["nas-bench-201"])
+    table = count_table(TargetNetwork("nas-bench-201", 8, 2), "params")
+    target = table.cheapest()[0] + 0.3 * (count_table(TargetNetwork("nas-bench-201", 8, 2), "params").cost(
+        search_spaces.parse_genotype("NB201_RESNET")) - table.cheapest()[0])
+    arch = optimizers.create("random", net, {"candidates": 5, "eval_batches": 1},
+                             budget=CostBudget(table, target, op_names=net.op_names))
+    drawn = [arch.sample()[1] for _ in range(50)]
+    assert all(table.cost(c) <= target for c in drawn) and len({c.to_str() for c in drawn}) > 10
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    arch.select(net, [(x, y)])
+    assert table.cost(arch.genotype()) <= target
+
+
+def test_multiplier_survives_a_checkpoint():
+    net = search_spaces.create("nas-bench-201", **SUPERNETS["nas-bench-201"])
+    table = count_table(TargetNetwork("nas-bench-201", 8, 2), "params")
+    a = optimizers.create("gaea", net, budget=CostBudget(table, table.cheapest()[0] * 1.2, op_names=net.op_names))
+    a.budget.multiplier.fill_(0.7)
+    state = a.state_dict()
+    b = optimizers.create("gaea", net, budget=CostBudget(table, table.cheapest()[0] * 1.2, op_names=net.op_names))
+    b.load_state_dict(state)
+    assert float(b.budget.multiplier) == pytest.approx(0.7)
+
+
+def test_dual_ascent_rises_over_budget_and_stops_at_zero_under_it():
+    net = search_spaces.create("nas-bench-201", **SUPERNETS["nas-bench-201"])
+    table = count_table(TargetNetwork("nas-bench-201", 8, 2), "params")
+    arch = optimizers.create("gaea", net)
+    with torch.no_grad():
+        net.alphas_normal[:, net.op_names.index("nor_conv_3x3")] += 0.1     # every edge's argmax: a convolution
+    dist = arch.probabilities()
+    over = CostBudget(table, table.cheapest()[0] * 1.01, dual_lr=0.1, op_names=net.op_names)
+    under = CostBudget(table, 1e9, dual_lr=0.1, op_names=net.op_names)
+    for _ in range(3):
+        over.ascend(dist)
+        under.ascend(dist)
+    violation = float(over.discrete(dist)) - 1
+    assert float(over.multiplier) == pytest.approx(3 * 0.1 * violation) and violation > 0
+    assert float(under.multiplier) == 0.0
+
+
+# ----------------------------------------------------------------------- settings
+def _search(tmp_path, budget, **hp):
+    cfg = write_config(tmp_path / "exp.yaml", {"global_batch_size": 16, "space": "nas-bench-201",
+                                               "space_args": {"C": 4, "layers": 1}, "optimizer": "gaea",
+                                               "epochs": 2, "budget": budget, **hp},
+                       {"dataset": "digits", "subset": 200})
+    return run_in_process(str(cfg), "--max-batches", "4", "--output", str(tmp_path / "o"), cwd=tmp_path)
+
+
+def _latency_table(path, **network):
+    table = count_table(TargetNetwork(**{"space": "nas-bench-201", "init_channels": 16, "layers": 5,
+                                         **network}), "params")
+    CostTable("latency_ms", table.network, table.table, table.base, {"device": "cpu", "device_name": "x"}).save(path)
+    return path
+
+
+@pytest.mark.parametrize("budget,message", [
+    ({"metric": "flops", "target": 1}, "budget: unknown metric 'flops'; valid metrics: params, macs, latency_ms"),
+    ({"metric": "params", "target": 1000}, "below the cheapest cell of the nas-bench-201 space"),
+    ({"metric": "params"}, "budget needs target"),
+    ({"metric": "latency_ms", "target": 5}, "metric latency_ms needs `table`"),
+    ({"metric": "latency_ms", "target": 1e9, "table": "darts.json"}, "is for search space 'darts'"),
+    ({"metric": "latency_ms", "target": 1e9, "table": "c8.json"}, "was measured on nas-bench-201 cifar C=8 layers=5"),
+    ({"metric": "latency_ms", "target": 1e9, "table": "ok.json", "device": "cuda"},
+     "was measured on cpu, the budget says device 'cuda'"),
+    ({"metric": "latency_ms", "target": 1e9, "table": "broken.json"}, "does not parse as JSON"),
+])
+def test_bad_budget_is_one_line(tmp_path, budget, message):
+    _latency_table(tmp_path / "ok.json")
+    _latency_table(tmp_path / "c8.json", init_channels=8)
+    _latency_table(tmp_path / "darts.json", space="darts", init_channels=36, layers=20)
+    (tmp_path / "broken.json").write_text("{not json")
+    if "table" in budget:
+        budget = {**budget, "table": str(tmp_path / budget["table"])}
+    proc = _search(tmp_path, budget)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cheapest_cell_is_named_when_the_target_is_too_low():
+    table = count_table(TargetNetwork.default("nas-bench-201"), "params")
+    with pytest.raises(CostError, match=r"cheapest cell .*: \d+ \(\|none~0\|"):
+        BudgetSettings("params", 1000.0).cost_table("nas-bench-201", 10)
+    assert table.cheapest()[0] > 1000
+
+
+def test_search_reports_the_budget_and_writes_it_to_the_genotype(tmp_path):
+    table = count_table(TargetNetwork.default("nas-bench-201"), "macs")
+    target = table.cheapest()[0] * 3
+    proc = _search(tmp_path, {"metric": "macs", "target": target}, validate_every=1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    genotypes = sorted((tmp_path / "o" / "determined").glob("*/genotype.json"))
+    record = json.loads(genotypes[-1].read_text())["budget"]
+    cell = search_spaces.parse_genotype(json.loads(genotypes[-1].read_text())["genotype"])
+    assert record["metric"] == "macs" and record["target"] == target
+    assert record["cell"] == table.cost(cell) == genotype_cost(table.network, cell, "macs")
+    assert record["within"] == (record["cell"] <= target)
+    assert "budget_cell" in proc.stdout and "budget_multiplier" in proc.stdout
