@@ -3,6 +3,7 @@ wrote (``genotype.json`` beside each checkpoint), keep the best ``K`` distinct o
 a retraining YAML whose ``genotype`` hyperparameter is a categorical over them.
 
     python -m nas_trial candidates SOURCE... --top K --base BASE.yaml --output OUT.yaml [--pick best|final]
+        [--within-budget] [--max-params N] [--max-macs N] [--front FIG.png]
 
 A SOURCE is a ``genotype.json``, a checkpoint directory, a local run's ``--output`` directory or
 a directory of downloaded checkpoints (``det checkpoint download``): every ``genotype.json``
@@ -11,6 +12,10 @@ checkpoint (the supernet's, under the architecture weights it had); ``--pick fin
 each run's last checkpoint instead. The written YAML is self-contained (genotype strings, not
 paths) and differs from BASE only in ``hyperparameters.genotype``, ``hyperparameters.candidates``
 (where each came from, reported by the retraining as metrics) and ``description``.
+
+Budgets: ``--within-budget`` drops cells over the budget their search stated (the ``budget``
+record of ``genotype.json``); ``--max-params`` / ``--max-macs`` drop cells whose network, as
+BASE retrains it, counts more. ``--front`` draws every cell's search accuracy against its cost.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class Found:
     search_accuracy: Optional[float]   # the search's val_accuracy at that checkpoint
     benchmark_test_accuracy: Optional[float] = None   # NAS-Bench-201: the benchmark's test accuracy (%) of the cell
     warmup: bool = False              # written in the weights-only warm-up: the argmax of a tie, no candidate
+    budget: Optional[dict] = None     # the search's budget record: metric, target, cell (its cost), within
 
     @property
     def key(self) -> str:
@@ -60,6 +66,8 @@ class Found:
         out = {"rank": rank, "genotype": self.genotype.to_str(), "run": self.run, "checkpoint": self.checkpoint,
                "step": self.step, "seed": self.seed, "optimizer": self.optimizer,
                "search_accuracy": self.search_accuracy, "benchmark_test_accuracy": self.benchmark_test_accuracy}
+        if self.budget is not None:
+            out.update({f"budget_{k}": self.budget.get(k) for k in ("metric", "target", "cell")})
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -92,7 +100,8 @@ def read_genotype_file(path: Path) -> Found:
                  seed=data.get("seed") if isinstance(data.get("seed"), int) else None,
                  optimizer=data.get("optimizer") if isinstance(data.get("optimizer"), str) else None,
                  search_accuracy=accuracy, benchmark_test_accuracy=float(bench) if isinstance(bench, (int, float))
-                 else None, warmup=bool(data.get("warmup")))
+                 else None, warmup=bool(data.get("warmup")),
+                 budget=data["budget"] if isinstance(data.get("budget"), dict) else None)
 
 
 def collect(sources: Sequence[str]) -> list[Found]:
@@ -149,6 +158,79 @@ def rank(found: Sequence[Found], top: int, pick: str = "best") -> list[Found]:
             keys.add(f.key)
             chosen.append(f)
     return chosen[:top]
+
+
+def within_budgets(found: Sequence[Found], base: dict[str, Any], within_budget: bool = False,
+                   max_params: Optional[float] = None, max_macs: Optional[float] = None) -> list[Found]:
+    """The cells that meet the asked budgets (see the module docstring)."""
+    if within_budget:
+        unknown = [f for f in found if f.budget is None]
+        if unknown:
+            raise CandidatesError(f"--within-budget: {unknown[0].path} comes from a search without a budget; "
+                                  "use --max-params or --max-macs, or pass budgeted searches only")
+        found = [f for f in found if f.budget.get("within")]
+    for limit, metric in ((max_params, "params"), (max_macs, "macs")):
+        if limit is not None:
+            found = [f for f in found if _cost(f.genotype, base, metric) <= limit]
+    if not found:
+        raise CandidatesError("no cell meets the budget: every one is over it; raise the limit or search under a "
+                              "budget (hyperparameters.budget)")
+    return list(found)
+
+
+def _target_network(genotype: Genotype, base: dict[str, Any]):
+    """The network BASE retrains ``genotype`` in (its init_channels, layers and variant, or the
+    protocol's), for counting."""
+    from search_spaces.cost import TargetNetwork
+
+    from .runner import pick_hparams
+
+    hp = pick_hparams(base.get("hyperparameters") or {})
+    variant = hp.get("variant") or "cifar"
+    return TargetNetwork.default(genotype.space, variant, int(hp.get("num_classes") or 10),
+                                 init_channels=hp.get("init_channels"), layers=hp.get("layers"),
+                                 **({"nodes": genotype.nodes, "multiplier": len(genotype.normal_concat)}
+                                    if genotype.space == "darts" else {}))
+
+
+def _cost(genotype: Genotype, base: dict[str, Any], metric: str) -> float:
+    from search_spaces.cost import genotype_cost
+
+    return float(genotype_cost(_target_network(genotype, base), genotype, metric))
+
+
+def front_figure(found: Sequence[Found], chosen: Sequence[Found], base: dict[str, Any], path: Path) -> None:
+    """Search accuracy against cost for every cell found, the chosen ones marked: the
+    accuracy/cost front the budgets traced. Cost: the searches' budget metric when they all
+    share one, else parameters counted in BASE's network."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from search_spaces.plot import save
+
+    metrics = {f.budget.get("metric") if f.budget else None for f in found}
+    metric = metrics.pop() if len(metrics) == 1 and None not in metrics else "params"
+    shared = metric != "params" or all(f.budget and f.budget.get("metric") == "params" for f in found)
+
+    def cost(f: Found) -> float:
+        return float(f.budget["cell"]) if shared and f.budget else _cost(f.genotype, base, metric)
+
+    keys = {f.key for f in chosen}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for picked, style, label in ((False, "o", "cell found"), (True, "*", "candidate retrained")):
+        pts = [(cost(f), f.search_accuracy) for f in found if (f.key in keys) == picked
+               and f.search_accuracy is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=style, s=90 if picked else 30, label=label)
+    for t in sorted({float(f.budget["target"]) for f in found if f.budget and f.budget.get("metric") == metric}):
+        ax.axvline(t, color="gray", ls=":", lw=0.8)
+    ax.set_xlabel(f"{metric} of the cell's network" + (" (dotted: the searches' targets)" if shared else ""))
+    ax.set_ylabel("search validation accuracy")
+    ax.set_title("accuracy against cost, per cell")
+    ax.legend(fontsize=8)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.9)
+    save(fig, path)
 
 
 def _load_base(path: str) -> dict[str, Any]:
@@ -210,6 +292,8 @@ def build(found: Sequence[Found], chosen: Sequence[Found], base: dict[str, Any],
         acc = f"{p['search_accuracy']:.4f}" if "search_accuracy" in p else "unknown"
         if "benchmark_test_accuracy" in p:
             acc += f", benchmark test accuracy {p['benchmark_test_accuracy']:.2f}%"
+        if "budget_cell" in p:
+            acc += f"; {p['budget_metric']} {p['budget_cell']:.4g} (budget {p['budget_target']:.4g})"
         lines.append(f"  {p['rank']}. search val_accuracy {acc}; run {p['run']}, checkpoint {p['checkpoint']}, "
                      f"step {p.get('step', '?')}, seed {p.get('seed', '?')}, optimizer {p.get('optimizer', '?')}")
     lines.append(f"Retraining: {base_path} with hyperparameters.genotype over these cells.")
@@ -241,6 +325,14 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--pick", choices=PICKS, default="best",
                    help="best: rank every checkpoint by its validation accuracy (default); final: each run's last "
                         "checkpoint only")
+    p.add_argument("--within-budget", action="store_true",
+                   help="drop cells over the budget their search stated (genotype.json's budget record)")
+    p.add_argument("--max-params", type=float, default=None, metavar="N",
+                   help="drop cells whose network, as BASE retrains it, has more parameters")
+    p.add_argument("--max-macs", type=float, default=None, metavar="N",
+                   help="drop cells whose network, as BASE retrains it, has more multiply-adds")
+    p.add_argument("--front", default=None, metavar="FIG.png",
+                   help="draw every cell's search accuracy against its cost, the chosen ones marked")
     args = p.parse_args(argv)
     try:
         output = Path(args.output).expanduser()
@@ -248,11 +340,20 @@ def main(argv: Sequence[str]) -> int:
             raise CandidatesError(f"--output {args.output} is a directory; name the YAML file to write")
         if not output.parent.is_dir():
             raise CandidatesError(f"--output {args.output}: folder {output.parent} does not exist")
+        for flag, value in (("--max-params", args.max_params), ("--max-macs", args.max_macs)):
+            if value is not None and not value > 0:
+                raise CandidatesError(f"{flag} must be > 0, got {value:g}")
+        front = Path(args.front).expanduser() if args.front else None
+        if front is not None and (front.suffix.lower() not in (".png", ".svg") or not front.parent.is_dir()):
+            raise CandidatesError(f"--front {args.front}: give a .png or .svg file in an existing folder")
         base = _load_base(args.base)
         found = collect(args.sources)
-        chosen = rank(found, args.top, args.pick)
+        kept = within_budgets(found, base, args.within_budget, args.max_params, args.max_macs)
+        chosen = rank(kept, args.top, args.pick)
         config, comment = build(found, chosen, base, args.base, args.pick)
         write(config, comment, output)
+        if front is not None:
+            front_figure(found, chosen, base, front)
     except CandidatesError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,6 +160,38 @@ def _benchmark(history: Mapping[str, list], path: Path) -> bool:
     return True
 
 
+def _budget(history: Mapping[str, list], path: Path) -> bool:
+    """The cell's cost and the expected cost at each validation against the target, and the
+    multiplier the search adjusted."""
+    import matplotlib.pyplot as plt
+
+    from search_spaces.plot import save
+
+    val = history.get("validation", [])
+    x, cell = _series(val, "budget_cell")
+    if not x:
+        return False
+    _, target = _series(val, "budget_target")
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(x, cell, "o-", label="the cell the search holds")
+    xe, expected = _series(val, "budget_expected")
+    if xe:
+        ax.plot(xe, expected, "s--", label="expected under the architecture weights")
+    ax.axhline(target[-1], color="black", ls=":", label=f"target {target[-1]:.4g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cost in the retrained network")
+    ax.set_title("cost over the search")
+    xm, multiplier = _series(val, "budget_multiplier")
+    if xm:
+        ax2 = ax.twinx()
+        ax2.plot(xm, multiplier, "^-", color="gray", alpha=0.6, label="multiplier")
+        ax2.set_ylabel("multiplier", color="gray")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.subplots_adjust(left=0.12, right=0.88, bottom=0.13, top=0.9)
+    save(fig, path)
+    return True
+
+
 def write_report(out_dir: Path, kind: str, history: Mapping[str, list], genotype: Optional[str],
                  cost: Mapping[str, Any], config_name: str, short_search: bool = False) -> Path:
     """Write ``report.html`` and its pictures into ``out_dir``; return the report's path."""
@@ -173,6 +205,8 @@ def write_report(out_dir: Path, kind: str, history: Mapping[str, list], genotype
         images.append(("entropy.png", "Entropy of the architecture weights"))
     if kind == "search" and _benchmark(history, out_dir / "benchmark.png"):
         images.append(("benchmark.png", "The searched cell's accuracy in the benchmark"))
+    if kind == "search" and _budget(history, out_dir / "budget.png"):
+        images.append(("budget.png", "The cell's cost against the budget"))
     arch = history.get("arch", [])
     for ct in (arch[-1]["cells"] if arch else []):
         name = f"trajectories-{ct}.png"
@@ -191,7 +225,8 @@ def write_report(out_dir: Path, kind: str, history: Mapping[str, list], genotype
     if last_val:
         shown = {k: v for k, v in last_val.items() if k in ("step", "val_accuracy", "val_loss", "test_accuracy",
                                                             "arch_entropy", "arch_max_weight",
-                                                            "benchmark_test_accuracy", "benchmark_valid_accuracy")}
+                                                            "benchmark_test_accuracy", "benchmark_valid_accuracy",
+                                                            "budget_cell", "budget_target")}
         parts.append("<p>Last validation: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in shown.items()) + "</p>")
     if kind == "search" and short_search:
