@@ -81,7 +81,8 @@ def profile(args: argparse.Namespace) -> dict:
                                    layers=args.layers)
     log = (lambda m: print(m, file=sys.stderr, flush=True))
     table = measure_table(target, batch=args.batch, precision=args.precision, device=args.device,
-                          warmup=args.warmup, repeats=args.repeats, genotypes=args.genotypes, seed=args.seed, log=log)
+                          warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, genotypes=args.genotypes,
+                          seed=args.seed, log=log)
     table.save(out)
     m = table.measured
     return {"table": str(out.resolve()), "network": target.describe(), "device": m["device"],
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--warmup", type=int, default=5)
-    r.add_argument("--repeats", type=int, default=20, help="timed runs per op and network (the median is kept)")
+    r.add_argument("--repeats", type=int, default=10, help="timed runs per op and network per round (median kept)")
+    r.add_argument("--rounds", type=int, default=3,
+                   help="rounds timing every op and network once each (the median over rounds is kept)")
     r.add_argument("--genotypes", type=int, default=20, help="random cells whose whole networks check the model")
     r.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

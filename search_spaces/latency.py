@@ -2,11 +2,19 @@
 
 Each op is timed at every (channels, stride, input size) the target network runs it at,
 forward only, in eval mode, at the batch size and precision asked (warm-up, then the median
-of ``repeats``); an op on an edge costs the sum over the cells of its type. The rest of the
-network (stem, cell preprocessing, concatenations, classifier) is the median, over
-``calibration`` random cells, of the whole network's measured latency minus its ops'. The
+of ``repeats``, in each of ``rounds`` rounds that time every op and network once, the median
+over rounds kept); an op on an edge costs the sum over the cells of its type. The rest of the
+network (stem, cell preprocessing, concatenations, classifier) and one factor on every op
+(ops timed alone run at another speed than inside a network: caches, the allocator) are
+fitted to ``calibration`` random cells' whole networks: ``measured = base + scale * sum of
+the cell's op times``, least squares for the scale, the median offset for the base. The
 model's error is then measured on ``genotypes`` further random cells, whole networks timed
 the same way: the mean absolute percentage error, saved in the table.
+
+On the CPU, denormal floats are flushed to zero while timing: the untrained networks' random
+weights shrink some cells' activations into denormals, which x86 computes 10-40x slower
+(a 15-cell NAS-Bench-201 network timed 28 ms with them, 11 ms without), a cost a trained
+network does not have.
 """
 from __future__ import annotations
 
@@ -59,64 +67,100 @@ def _timer(device: torch.device) -> Callable[[Callable[[], None], int, int], flo
     return time_ms
 
 
-@torch.no_grad()
-def network_latency(net: nn.Module, target: TargetNetwork, batch: int, dtype: torch.dtype, device: torch.device,
-                    warmup: int, repeats: int) -> float:
-    """Median forward latency (ms) of a whole network."""
-    net = net.to(device=device, dtype=dtype).eval()
-    x = torch.randn(batch, 3, target.image_size, target.image_size, device=device, dtype=dtype)
-    return _timer(device)(lambda: net(x), warmup, repeats)
-
-
 def measure_table(target: TargetNetwork, *, batch: int = 1, precision: str = "fp32", device: str = "cpu",
-                  warmup: int = 5, repeats: int = 20, calibration: int = 4, genotypes: int = 20, seed: int = 0,
+                  warmup: int = 5, repeats: int = 10, rounds: int = 3, calibration: int = 8, genotypes: int = 20,
+                  seed: int = 0,
                   log: Optional[Callable[[str], None]] = None) -> CostTable:
     """Measure a latency table of ``target`` on ``device`` (see the module docstring)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
-    if batch < 1 or repeats < 1 or warmup < 0 or calibration < 1 or genotypes < 1:
-        raise ValueError("batch, repeats, calibration and genotypes must be >= 1, warmup >= 0")
+    if min(batch, repeats, rounds, calibration, genotypes) < 1 or warmup < 0:
+        raise ValueError("batch, repeats, rounds, calibration and genotypes must be >= 1, warmup >= 0")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA device here")
     dtype = PRECISIONS[precision]
+    torch.set_flush_denormal(True)          # see the module docstring (left on: torch offers no way to read it)
+    return _measure(target, batch, dtype, precision, dev, warmup, repeats, rounds, calibration, genotypes, seed, log)
+
+
+def _measure(target: TargetNetwork, batch: int, dtype: torch.dtype, precision: str, dev: torch.device, warmup: int,
+             repeats: int, rounds: int, calibration: int, genotypes: int, seed: int,
+             log: Optional[Callable[[str], None]]) -> CostTable:
     time_ms = _timer(dev)
-    cache: dict[tuple, float] = {}
+    configs: dict[tuple, Optional[Callable[[], None]]] = {}
 
-    @torch.no_grad()
-    def op_ms(op: str, C: int, stride: int, H: int) -> float:
+    def collect(op: str, C: int, stride: int, H: int) -> float:
         key = (op, C, stride, H)
-        if key not in cache:
-            if op == "none":
-                cache[key] = 0.0          # the discrete network skips it
-            else:
-                module = create_op(op, C, stride).to(device=dev, dtype=dtype).eval()
-                x = torch.randn(batch, C, H, H, device=dev, dtype=dtype)
-                cache[key] = time_ms(lambda: module(x), warmup, repeats)
-        return cache[key]
+        if key not in configs:
+            configs[key] = None if op == "none" else _op_run(op, C, stride, H, batch, dtype, dev)
+        return 0.0
 
-    table = additive_table(target, "latency_ms", op_ms)
-    if log:
-        log(f"timed {len(cache)} op configurations")
+    additive_table(target, "latency_ms", collect)            # which op configurations the network runs
     g = torch.Generator().manual_seed(seed)
-
-    def whole(n: int) -> list[tuple[float, float]]:
-        out = []
-        for _ in range(n):
-            genotype = random_genotype(target, g)
-            measured = network_latency(target.build(genotype), target, batch, dtype, dev, warmup, repeats)
-            out.append((measured, table.cost(genotype)))
-        return out
-
-    base = statistics.median(m - ops for m, ops in whole(calibration))
-    held_out = whole(genotypes)
+    cells = [random_genotype(target, g) for _ in range(calibration + genotypes)]
+    nets = [_network_run(target.build(c), target, batch, dtype, dev) for c in cells]
+    op_samples: dict[tuple, list[float]] = {k: [] for k in configs}
+    net_samples: list[list[float]] = [[] for _ in cells]
+    for r in range(rounds):       # every op and network once per round: drift in the machine's speed spreads evenly
+        for key, run in configs.items():
+            op_samples[key].append(0.0 if run is None else time_ms(run, warmup, repeats))
+        for samples, run in zip(net_samples, nets):
+            samples.append(time_ms(run, warmup, repeats))
+        if log:
+            log(f"round {r + 1}/{rounds}: timed {len(configs)} op configurations and {len(nets)} networks")
+    op_ms = {k: statistics.median(v) for k, v in op_samples.items()}
+    isolated = additive_table(target, "latency_ms", lambda op, C, stride, H: op_ms[(op, C, stride, H)])
+    whole = [(statistics.median(v), isolated.cost(c) - isolated.base) for v, c in zip(net_samples, cells)]
+    base, scale = _fit(whole[:calibration])
+    table = additive_table(target, "latency_ms", lambda op, C, stride, H: scale * op_ms[(op, C, stride, H)])
+    held_out = [(m, scale * ops) for m, ops in whole[calibration:]]
     errors = [abs(base + ops - m) / m * 100 for m, ops in held_out]
     measured = {
         "device": dev.type, "device_name": device_name(dev), "batch": batch, "precision": precision,
-        "warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "warmup": warmup, "repeats": repeats, "rounds": rounds, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "op_scale": round(scale, 4),
         "error": {"mape_percent": round(statistics.mean(errors), 3), "max_percent": round(max(errors), 3),
                   "genotypes": genotypes, "calibration_genotypes": calibration,
+                  "cells": [c.to_str() for c in cells[calibration:]],
                   "measured_ms": [round(m, 4) for m, _ in held_out],
                   "predicted_ms": [round(base + ops, 4) for _, ops in held_out]}}
     return CostTable("latency_ms", target, table.table, base, measured)
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares ``measured = base + scale * ops`` over (measured, sum of the isolated op
+    times) pairs; ``scale`` 1 and the median offset when the cells' op sums do not vary."""
+    xs = [ops for _, ops in points]
+    ys = [m for m, _ in points]
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    scale = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 1.0
+    if not scale > 0:
+        scale = 1.0
+    return statistics.median(y - scale * x for x, y in zip(xs, ys)), scale
+
+
+def _op_run(op: str, C: int, stride: int, H: int, batch: int, dtype: torch.dtype,
+            dev: torch.device) -> Callable[[], None]:
+    module = create_op(op, C, stride).to(device=dev, dtype=dtype).eval()
+    x = torch.randn(batch, C, H, H, device=dev, dtype=dtype)
+
+    @torch.no_grad()
+    def run() -> None:
+        module(x)
+
+    return run
+
+
+def _network_run(net: nn.Module, target: TargetNetwork, batch: int, dtype: torch.dtype,
+                 dev: torch.device) -> Callable[[], None]:
+    net = net.to(device=dev, dtype=dtype).eval()
+    x = torch.randn(batch, 3, target.image_size, target.image_size, device=dev, dtype=dtype)
+
+    @torch.no_grad()
+    def run() -> None:
+        net(x)
+
+    return run
