@@ -311,9 +311,10 @@ class SearchTrial(_Trial):
             return {}
 
     def budget_metrics(self) -> dict[str, Any]:
-        """Under a budget: ``budget_cell`` (the current cell's cost in the target network),
-        ``budget_target``, and for the learning optimizers ``budget_expected`` (under the
-        architecture distribution) and ``budget_multiplier``."""
+        """Under a budget: ``budget_cell`` (the cost of the cell the search returns, in the target
+        network), ``budget_target``, and for the learning optimizers ``budget_rule_cell`` (the
+        genotype rule's cell before the repair that keeps the returned one within the target),
+        ``budget_expected`` (under the architecture distribution) and ``budget_multiplier``."""
         b = self.arch.budget
         if b is None:
             return {}
@@ -325,7 +326,9 @@ class SearchTrial(_Trial):
         """What genotype.json says of the cell against the budget."""
         b = self.arch.budget
         cost = b.table.cost(genotype)
+        rule = self.supernet.genotype(self.arch.probabilities()) if self.arch.learns else genotype
         return {"metric": b.table.metric, "target": b.target, "cell": cost, "within": cost <= b.target,
+                "rule_cell": b.table.cost(rule), "repaired": rule.canonical() != genotype.canonical(),
                 "network": b.table.network.describe(), "multiplier": float(b.multiplier),
                 **({"table": self.cfg.budget_settings.table, "measured": b.table.measured}
                    if b.table.metric == "latency_ms" else {})}

@@ -89,7 +89,11 @@ class ArchitectureOptimizer:
                 for ct, cw in self.distribution().items()}
 
     def genotype(self):
-        return self.supernet.genotype(self.probabilities())
+        """The cell the genotype rule picks; under a budget, the nearest one within it
+        (``CostBudget.repair``)."""
+        probs = self.probabilities()
+        genotype = self.supernet.genotype(probs)
+        return self.budget.repair(genotype, probs) if self.budget is not None else genotype
 
     # -- update ----------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:

@@ -134,6 +134,73 @@ class CostBudget:
         """The cell's cost does not exceed the target (host arithmetic, no device)."""
         return self.table.cost(genotype) <= self.target
 
+    @torch.no_grad()
+    def repair(self, genotype: Any, dist: Weights) -> Any:
+        """The cell the search returns: the genotype rule's cell when it is within the target;
+        otherwise that cell changed, one edge at a time, by the change that gives up the least
+        architecture weight per unit of cost saved (another op on a kept edge; for DARTS also
+        another input of the node, with any op), until it is within. Dual ascent brings the
+        rule's cell to the target; this guarantees the last step's cell meets it. Host
+        arithmetic: call outside the step."""
+        if self.within(genotype):
+            return genotype
+        names = self.table.network.op_names
+        ops = [n for n in self.op_names if not (self.space == "darts" and n == "none")]
+        rows = {ct: cw.ops.float().cpu().tolist() for ct, cw in dist.items()}
+        betas = {ct: [e.float().cpu().tolist() for e in cw.edges] if cw.edges is not None else None
+                 for ct, cw in dist.items()}
+        # per cell type, per node: {input: op}; NAS-Bench-201: one "node" per edge, input 0
+        if self.space == "darts":
+            from search_spaces.darts import edge_index
+            cells = {ct: [dict((j, op) for op, j in edges[2 * i:2 * i + 2]) for i in range(self.nodes)]
+                     for ct, edges in (("normal", genotype.normal), ("reduce", genotype.reduce))}
+            edge_of = lambda i, j: edge_index(i, j)                                    # noqa: E731
+            inputs = lambda i: range(i + 2)                                            # noqa: E731
+        else:
+            cells = {"normal": [{0: op} for op, _ in genotype.edges]}
+            edge_of = lambda i, j: i                                                   # noqa: E731
+            inputs = lambda i: (0,)                                                    # noqa: E731
+
+        def weight(ct: str, i: int, j: int, op: str) -> float:
+            w = rows[ct][edge_of(i, j)][self.op_names.index(op)]
+            return w * betas[ct][i][j] if betas[ct] is not None else w
+
+        def cost(ct: str, i: int, j: int, op: str) -> float:
+            return self.table.table[ct][edge_of(i, j)][names.index(op)]
+
+        def total() -> float:
+            return self.table.base + sum(cost(ct, i, j, op) for ct, nodes in cells.items()
+                                         for i, kept in enumerate(nodes) for j, op in kept.items())
+
+        while total() > self.target:
+            best = None
+            for ct, nodes in cells.items():
+                for i, kept in enumerate(nodes):
+                    for j, op in kept.items():
+                        for j2 in inputs(i):
+                            if j2 != j and j2 in kept:
+                                continue
+                            for op2 in ops:
+                                saved = cost(ct, i, j, op) - cost(ct, i, j2, op2)
+                                if saved > 0:
+                                    ratio = (weight(ct, i, j, op) - weight(ct, i, j2, op2)) / saved
+                                    if best is None or ratio < best[0]:
+                                        best = (ratio, saved, ct, i, j, j2, op2)
+            if best is None:                     # nothing cheaper to change to: the target is below the cheapest
+                return self.table.cheapest(self.op_names)[1]
+            _, _, ct, i, j, j2, op2 = best
+            del cells[ct][i][j]
+            cells[ct][i][j2] = op2
+        if self.space == "darts":
+            cell = {ct: tuple((op, j) for node in nodes for j, op in sorted(node.items())) for ct, nodes in cells.items()}
+            return type(genotype)(cell["normal"], genotype.normal_concat, cell["reduce"], genotype.reduce_concat)
+        ops_per_edge = [node[0] for node in cells["normal"]]
+        nodes, e = [], 0
+        for i in range(1, 4):
+            nodes.append(tuple((ops_per_edge[e + j], j) for j in range(i)))
+            e += i
+        return type(genotype)(tuple(nodes))
+
     def to(self, device: torch.device) -> "CostBudget":
         self.costs = {ct: c.to(device) for ct, c in self.costs.items()}
         self.multiplier = self.multiplier.to(device)
@@ -208,11 +275,12 @@ class CostBudget:
         self.multiplier.copy_((self.multiplier + self.dual_lr * violation).clamp_min(0.0))
 
     def metrics(self, dist: Weights) -> dict[str, float]:
-        """Host values for a validation: the cell's cost, the expected cost (absolute units)
-        and the multiplier. Reads the device: call outside the step."""
+        """Host values for a validation: the genotype rule's cell's cost (before ``repair``),
+        the expected cost (absolute units) and the multiplier. Reads the device: call outside
+        the step."""
         with torch.no_grad():
             values = torch.stack([self.discrete(dist), self.expected(dist), self.multiplier]).tolist()
-        return {"budget_cell": values[0] * self.target, "budget_expected": values[1] * self.target,
+        return {"budget_rule_cell": values[0] * self.target, "budget_expected": values[1] * self.target,
                 "budget_multiplier": values[2], "budget_target": self.target}
 
     def state_dict(self) -> dict[str, Any]:
