@@ -8,7 +8,8 @@ appended to ``--out`` as it finishes, so a run cut short keeps what it measured:
 
 1. ``env``: torch, CUDA, the device;
 2. ``tests``: the CUDA tests and the CPU proofs of the CUDA path (pytest);
-3. ``sync``: a GAEA step (bilevel and single-level, both spaces, the papers' sizes) under
+3. ``sync``: a GAEA step (bilevel and single-level, and bilevel under a parameter budget;
+   both spaces, the papers' sizes) under
    ``torch.cuda.set_sync_debug_mode("error")``, as the trial runs it (finite flag and
    metrics on the device);
 4. ``parity``: fp32 against bf16 autocast, same weights and batch: losses and the
@@ -18,7 +19,9 @@ appended to ``--out`` as it finishes, so a run cut short keeps what it measured:
    compiled, each in its own process with a time limit;
 6. ``retrain``: images per second of DARTS_V2 retraining (C 36, 20 cells, batch 96),
    fp32 and bf16 + channels-last;
-7. ``extrapolated``: full-search and retraining hours from the measured steps (training
+7. ``latency``: latency tables of both spaces on the GPU (batch 1 and 64) and the additive
+   model's error against whole networks;
+8. ``extrapolated``: full-search and retraining hours from the measured steps (training
    steps only; validation and data loading left out).
 """
 from __future__ import annotations
@@ -84,11 +87,18 @@ def sync(results: Results) -> None:
 
     import optimizers
     from nas_trial.train_metrics import DeviceMeans
+    from optimizers.budget import CostBudget
+    from search_spaces.cost import TargetNetwork, count_table
     for space, (_, batch, _, _) in PAPER.items():
-        for bilevel in (True, False):
+        for bilevel, budgeted in ((True, False), (False, False), (True, True)):
             net, arch, weight_step, x, y = _search(space, torch.device(DEVICE), batch)
+            if budgeted:        # a parameter budget: penalty, dual step and the cell's cost on the device
+                table = count_table(TargetNetwork.default(net.space), "params")
+                arch.budget = CostBudget(table, table.cheapest(net.op_names)[0] * 1.5, op_names=net.op_names,
+                                         device=torch.device(DEVICE))
             means = DeviceMeans()
-            record = {"check": "sync", "space": space, "form": "bilevel" if bilevel else "single_level"}
+            record = {"check": "sync", "space": space,
+                      "form": ("bilevel" if bilevel else "single_level") + ("+budget" if budgeted else "")}
             try:
                 for step in range(3):          # the first two warm up (allocator, optimizer state)
                     if step == 2:
@@ -178,6 +188,22 @@ def retrain(results: Results) -> None:
                      "hours_600_epochs": round(600 * (50_000 // 96) * sec / 3600, 2)})
 
 
+def latency(results: Results) -> None:
+    """Latency tables on the GPU (``python -m search_spaces profile --device cuda``) and their
+    error against whole networks, both spaces, batch 1 and 64."""
+    from search_spaces.cost import TargetNetwork
+    from search_spaces.latency import measure_table
+    for space in ("nas-bench-201", "darts"):
+        for batch in (1, 64):
+            t0 = time.time()
+            table = measure_table(TargetNetwork.default(space), batch=batch, device=DEVICE, rounds=2)
+            m = table.measured
+            results.add({"check": "latency", "space": space, "batch": batch, "device_name": m["device_name"],
+                         "base_ms": round(table.base, 3), "op_scale": m["op_scale"],
+                         "mape_percent": m["error"]["mape_percent"], "max_percent": m["error"]["max_percent"],
+                         "seconds": round(time.time() - t0, 1)})
+
+
 def extrapolate(results: Results) -> None:
     for space, (bench_name, batch, per_epoch, epochs) in PAPER.items():
         for rec in results.lines:
@@ -203,6 +229,7 @@ def main() -> None:
     parity(results)
     speed(results, ["default", "bf16", "single_level"], args.speed_timeout)
     retrain(results)
+    latency(results)
     speed(results, ["compile"], args.speed_timeout)
     extrapolate(results)
 

@@ -3,7 +3,7 @@ wrote (``genotype.json`` beside each checkpoint), keep the best ``K`` distinct o
 a retraining YAML whose ``genotype`` hyperparameter is a categorical over them.
 
     python -m nas_trial candidates SOURCE... --top K --base BASE.yaml --output OUT.yaml [--pick best|final]
-        [--within-budget] [--max-params N] [--max-macs N] [--front FIG.png]
+        [--max-params N] [--max-macs N] [--max-latency-ms N --latency-table FILE] [--front FIG.png]
 
 A SOURCE is a ``genotype.json``, a checkpoint directory, a local run's ``--output`` directory or
 a directory of downloaded checkpoints (``det checkpoint download``): every ``genotype.json``
@@ -13,9 +13,10 @@ each run's last checkpoint instead. The written YAML is self-contained (genotype
 paths) and differs from BASE only in ``hyperparameters.genotype``, ``hyperparameters.candidates``
 (where each came from, reported by the retraining as metrics) and ``description``.
 
-Budgets: ``--within-budget`` drops cells over the budget their search stated (the ``budget``
-record of ``genotype.json``); ``--max-params`` / ``--max-macs`` drop cells whose network, as
-BASE retrains it, counts more. ``--front`` draws every cell's search accuracy against its cost.
+Budgets: ``--max-params`` / ``--max-macs`` drop cells whose network, as BASE retrains it,
+counts more; ``--max-latency-ms`` those a latency table (``python -m search_spaces profile``,
+of that network) predicts slower. ``--front`` draws every cell's search accuracy against its
+cost.
 """
 from __future__ import annotations
 
@@ -160,22 +161,32 @@ def rank(found: Sequence[Found], top: int, pick: str = "best") -> list[Found]:
     return chosen[:top]
 
 
-def within_budgets(found: Sequence[Found], base: dict[str, Any], within_budget: bool = False,
-                   max_params: Optional[float] = None, max_macs: Optional[float] = None) -> list[Found]:
-    """The cells that meet the asked budgets (see the module docstring)."""
-    if within_budget:
-        unknown = [f for f in found if f.budget is None]
-        if unknown:
-            raise CandidatesError(f"--within-budget: {unknown[0].path} comes from a search without a budget; "
-                                  "use --max-params or --max-macs, or pass budgeted searches only")
-        found = [f for f in found if f.budget.get("within")]
-    for limit, metric in ((max_params, "params"), (max_macs, "macs")):
-        if limit is not None:
-            found = [f for f in found if _cost(f.genotype, base, metric) <= limit]
-    if not found:
-        raise CandidatesError("no cell meets the budget: every one is over it; raise the limit or search under a "
-                              "budget (hyperparameters.budget)")
-    return list(found)
+def within_budgets(found: Sequence[Found], base: dict[str, Any], limits: dict[str, float],
+                   latency_table: Optional[str] = None) -> list[Found]:
+    """The cells whose cost in BASE's network meets every limit (metric -> largest value)."""
+    from search_spaces.cost import CostError, CostTable
+
+    table = None
+    if "latency_ms" in limits:
+        try:
+            table = CostTable.load(latency_table)
+        except CostError as e:
+            raise CandidatesError(f"--latency-table: {e}") from None
+    kept = []
+    for f in found:
+        if table is not None:
+            wanted = _target_network(f.genotype, base)
+            if table.network != wanted:
+                raise CandidatesError(f"--latency-table {latency_table} was measured on {table.network.describe()}, "
+                                      f"BASE retrains {wanted.describe()}; profile that network")
+        if all((table.cost(f.genotype) if metric == "latency_ms" else _cost(f.genotype, base, metric)) <= limit
+               for metric, limit in limits.items()):
+            kept.append(f)
+    if not kept:
+        raise CandidatesError("no cell meets the limits: every one is over " + ", ".join(
+            f"{m} {v:g}" for m, v in limits.items()) + "; raise them, or search under a budget "
+            "(hyperparameters.budget)")
+    return kept
 
 
 def _target_network(genotype: Genotype, base: dict[str, Any]):
@@ -325,12 +336,14 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--pick", choices=PICKS, default="best",
                    help="best: rank every checkpoint by its validation accuracy (default); final: each run's last "
                         "checkpoint only")
-    p.add_argument("--within-budget", action="store_true",
-                   help="drop cells over the budget their search stated (genotype.json's budget record)")
     p.add_argument("--max-params", type=float, default=None, metavar="N",
                    help="drop cells whose network, as BASE retrains it, has more parameters")
     p.add_argument("--max-macs", type=float, default=None, metavar="N",
                    help="drop cells whose network, as BASE retrains it, has more multiply-adds")
+    p.add_argument("--max-latency-ms", type=float, default=None, metavar="N",
+                   help="drop cells that --latency-table predicts slower (its network must be BASE's)")
+    p.add_argument("--latency-table", default=None, metavar="FILE",
+                   help="a table from `python -m search_spaces profile`, for --max-latency-ms")
     p.add_argument("--front", default=None, metavar="FIG.png",
                    help="draw every cell's search accuracy against its cost, the chosen ones marked")
     args = p.parse_args(argv)
@@ -340,15 +353,21 @@ def main(argv: Sequence[str]) -> int:
             raise CandidatesError(f"--output {args.output} is a directory; name the YAML file to write")
         if not output.parent.is_dir():
             raise CandidatesError(f"--output {args.output}: folder {output.parent} does not exist")
-        for flag, value in (("--max-params", args.max_params), ("--max-macs", args.max_macs)):
-            if value is not None and not value > 0:
-                raise CandidatesError(f"{flag} must be > 0, got {value:g}")
+        limits = {}
+        for flag, metric, value in (("--max-params", "params", args.max_params), ("--max-macs", "macs", args.max_macs),
+                                    ("--max-latency-ms", "latency_ms", args.max_latency_ms)):
+            if value is not None:
+                if not value > 0:
+                    raise CandidatesError(f"{flag} must be > 0, got {value:g}")
+                limits[metric] = value
+        if (args.max_latency_ms is None) != (args.latency_table is None):
+            raise CandidatesError("--max-latency-ms and --latency-table go together")
         front = Path(args.front).expanduser() if args.front else None
         if front is not None and (front.suffix.lower() not in (".png", ".svg") or not front.parent.is_dir()):
             raise CandidatesError(f"--front {args.front}: give a .png or .svg file in an existing folder")
         base = _load_base(args.base)
         found = collect(args.sources)
-        kept = within_budgets(found, base, args.within_budget, args.max_params, args.max_macs)
+        kept = within_budgets(found, base, limits, args.latency_table) if limits else found
         chosen = rank(kept, args.top, args.pick)
         config, comment = build(found, chosen, base, args.base, args.pick)
         write(config, comment, output)

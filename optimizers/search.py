@@ -11,6 +11,8 @@ training batch. Single-level: one training batch's loss updates both.
   DistributedDataParallel wrapper, and ``ArchitectureOptimizer.sync_grads`` averages the
   architecture gradients over ranks. Nothing toggles ``requires_grad``.
 * The weight step detaches the architecture weights, so no architecture gradient is computed.
+* Under a cost budget (``arch.budget``), the architecture objective adds the budget's
+  ``multiplier * E[cost] / target`` (``optimizers/budget.py``); the reported losses do not.
 * ``check_finite=True`` (default): a non-finite loss or architecture gradient raises
   :class:`NonFiniteLossError` before any parameter changes (one host synchronisation per
   loss). ``check_finite=False`` returns the same check as a device flag,

@@ -129,6 +129,17 @@ def _measure(target: TargetNetwork, batch: int, dtype: torch.dtype, precision: s
     return CostTable("latency_ms", target, table.table, base, measured)
 
 
+def measure_network(target: TargetNetwork, genotype, *, batch: int = 1, precision: str = "fp32",
+                    device: str = "cpu", warmup: int = 5, repeats: int = 10, rounds: int = 3) -> float:
+    """The measured latency (ms) of ``genotype``'s whole network, timed as ``measure_table``
+    times its networks (median over rounds of the median of ``repeats``)."""
+    torch.set_flush_denormal(True)
+    dev = torch.device(device)
+    run = _network_run(target.build(genotype), target, batch, PRECISIONS[precision], dev)
+    time_ms = _timer(dev)
+    return statistics.median(time_ms(run, warmup, repeats) for _ in range(rounds))
+
+
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least squares ``measured = base + scale * ops`` over (measured, sum of the isolated op
     times) pairs; ``scale`` 1 and the median offset when the cells' op sums do not vary."""

@@ -141,6 +141,7 @@ def _learn(space, method, steps=40, seed=0):
     return budget.target, costs["budget"], costs["free"], rule, float(arch.budget.multiplier)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("space,method", [("nas-bench-201", m) for m in ("gaea", "darts", "gdas", "gaea_gdas")]
                          + [("darts", "gaea"), ("darts", "gdas")])
 def test_every_optimizer_ends_within_the_budget(space, method):
@@ -239,6 +240,7 @@ def _latency_table(path, **network):
     ({"metric": "flops", "target": 1}, "budget: unknown metric 'flops'; valid metrics: params, macs, latency_ms"),
     ({"metric": "params", "target": 1000}, "below the cheapest cell of the nas-bench-201 space"),
     ({"metric": "params"}, "budget needs target"),
+    ({"metric": "params", "target": -5}, "budget: target must be a number > 0, got -5"),
     ({"metric": "latency_ms", "target": 5}, "metric latency_ms needs `table`"),
     ({"metric": "latency_ms", "target": 1e9, "table": "darts.json"}, "is for search space 'darts'"),
     ({"metric": "latency_ms", "target": 1e9, "table": "c8.json"}, "was measured on nas-bench-201 cifar C=8 layers=5"),
@@ -265,6 +267,30 @@ def test_cheapest_cell_is_named_when_the_target_is_too_low():
     with pytest.raises(CostError, match=r"cheapest cell .*: \d+ \(\|none~0\|"):
         BudgetSettings("params", 1000.0).cost_table("nas-bench-201", 10)
     assert table.cheapest()[0] > 1000
+
+
+@pytest.mark.slow
+def test_resumed_budgeted_search_equals_an_uninterrupted_one(tmp_path):
+    """The multiplier is checkpointed: 3 batches, then 3 more from the checkpoint, end on the
+    architecture weights, multiplier and cell of 6 straight batches."""
+    from tests.helpers import checkpoints
+
+    budget = {"metric": "params", "target": count_table(TargetNetwork.default("nas-bench-201"), "params")
+              .cheapest()[0] * 2}
+    cfg = write_config(tmp_path / "exp.yaml", {"global_batch_size": 16, "space": "nas-bench-201",
+                                               "space_args": {"C": 4, "layers": 1}, "optimizer": "gaea",
+                                               "optimizer_args": {"gaea": {"lr": 5.0}}, "epochs": 2,
+                                               "budget": budget}, {"dataset": "digits", "subset": 200})
+    common = ["--checkpoint-every", "3", "--validate-every", "3"]
+    assert run_in_process(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "a"), *common,
+                          cwd=tmp_path).returncode == 0
+    assert run_in_process(str(cfg), "--max-batches", "3", "--output", str(tmp_path / "b"), *common,
+                          cwd=tmp_path).returncode == 0
+    assert run_in_process(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "b"), "--resume",
+                          str(tmp_path / "b"), *common, cwd=tmp_path).returncode == 0
+    ga, gb = (json.loads((checkpoints(tmp_path / r)[6] / "genotype.json").read_text()) for r in "ab")
+    assert ga["arch_weights"] == gb["arch_weights"] and ga["budget"] == gb["budget"]
+    assert ga["budget"]["multiplier"] > 0
 
 
 def test_search_reports_the_budget_and_writes_it_to_the_genotype(tmp_path):
@@ -306,10 +332,11 @@ def test_latency_profile_writes_a_table_a_budget_reads(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------- candidates
+@pytest.mark.slow
 def test_candidates_drop_cells_over_budget_and_draw_the_front(tmp_path):
-    """Two tiny budgeted searches (a tight and a loose MAC target) and one without a budget:
-    --within-budget keeps the cells their searches' budgets allow, --max-macs counts the cells
-    in the base's network, --front draws accuracy against cost."""
+    """Two tiny searches under a tight and a loose MAC target: --max-macs keeps the cells
+    whose network, as the base retrains it, counts no more (the tight search's), and --front
+    draws accuracy against cost."""
     from nas_trial.candidates import main
 
     table = count_table(TargetNetwork.default("nas-bench-201"), "macs")
@@ -318,25 +345,28 @@ def test_candidates_drop_cells_over_budget_and_draw_the_front(tmp_path):
         run = tmp_path / name
         run.mkdir()
         assert _search(run, {"metric": "macs", "target": target}).returncode == 0
-    found = sorted(tmp_path.glob("*/o/determined/*/genotype.json"))
-    records = [json.loads(f.read_text()) for f in found]
-    assert all("budget" in r for r in records)
+    records = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*/o/determined/*/genotype.json"))]
+    records = [r for r in records if not r.get("warmup")]
+    assert all(r["budget"]["within"] and r["budget"]["cell"] <= r["budget"]["target"] for r in records)
     out = tmp_path / "c.yaml"
     args = [str(tmp_path / "tight" / "o"), str(tmp_path / "loose" / "o"), "--top", "10",
-            "--base", str(ROOT / "experiments" / "retrain-nb201-asha.yaml"), "--output", str(out),
-            "--front", str(tmp_path / "front.png")]
+            "--base", str(ROOT / "experiments" / "retrain-nb201-asha.yaml"), "--output", str(out)]
+    limit = cheapest * 1.5
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main([*args, "--within-budget"]) == 0
+        assert main([*args, "--max-macs", str(limit), "--front", str(tmp_path / "front.png")]) == 0
     kept = load_yaml(out)["hyperparameters"]["candidates"]["val"]
-    assert kept and all(c["budget_cell"] <= c["budget_target"] for c in kept)
-    assert {c["genotype"] for c in kept} == {r["genotype"] for r in records if r["budget"]["within"]}
+    assert {c["genotype"] for c in kept} == {r["genotype"] for r in records if r["budget"]["cell"] <= limit}
+    assert all(genotype_cost(table.network, search_spaces.parse_genotype(c["genotype"]), "macs") <= limit
+               for c in kept)
+    assert all(c["budget_metric"] == "macs" and c["budget_cell"] <= limit for c in kept)
     assert (tmp_path / "front.png").stat().st_size > 0
-    limit = sorted(r["budget"]["cell"] for r in records)[len(records) // 2]
+    latency = CostTable.load(_latency_table(tmp_path / "lat.json"))       # the base's network: C=16, N=5
+    cells = sorted({r["genotype"] for r in records}, key=lambda c: latency.cost(search_spaces.parse_genotype(c)))
+    limit = latency.cost(search_spaces.parse_genotype(cells[len(cells) // 2]))
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main([*args, "--max-macs", str(limit)]) == 0
-    kept = load_yaml(out)["hyperparameters"]["candidates"]["val"]
-    assert kept and all(genotype_cost(table.network, search_spaces.parse_genotype(c["genotype"]), "macs") <= limit
-                        for c in kept)
+        assert main([*args, "--max-latency-ms", str(limit), "--latency-table", str(tmp_path / "lat.json")]) == 0
+    kept = {c["genotype"] for c in load_yaml(out)["hyperparameters"]["candidates"]["val"]}
+    assert kept == {c for c in cells if latency.cost(search_spaces.parse_genotype(c)) <= limit}
 
 
 def load_yaml(path):
