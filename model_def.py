@@ -13,6 +13,8 @@ experiment's entrypoint). Local, no cluster: ``python model_def.py experiments/<
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -134,6 +136,10 @@ class _Trial(PyTorchTrial):
 
     def validate_on_chief(self) -> dict[str, dict[str, float]]:
         """Measurements only the chief takes (random search ranks its candidates), by set name."""
+        return {}
+
+    def rank_counts(self) -> dict[str, int]:
+        """Counts every rank keeps, summed over the ranks at each validation (``measured["counts"]``)."""
         return {}
 
     def validation_sets(self) -> dict[str, tuple[Any, Any]]:
@@ -389,10 +395,13 @@ class RetrainTrial(_Trial):
                                            auxiliary=bool(cfg.auxiliary and cfg.auxiliary_weight), variant=cfg.variant)
         self.unused: Optional[list[torch.nn.Parameter]] = None   # under DDP: parameters no loss reaches
         c, h, w = self.data.image_shape
-        if self.genotype.space == "darts" and cfg.auxiliary and cfg.auxiliary_weight and cfg.variant == "cifar" \
-                and -(-min(h, w) // 4) < 5:
-            raise ValueError(f"auxiliary: the auxiliary head pools 5x5 windows from features a quarter of the image "
-                             f"size, and these images are {h}x{w}; set auxiliary: false (images under 17 px)")
+        # the auxiliary head pools 5x5 windows (stride 3; ImageNet: 2) from features 1/4 (ImageNet: 1/32) of the
+        # image size, then a 2x2 convolution: the features need 8 (ImageNet: 7) pixels
+        shrink, need = (4, 8) if cfg.variant == "cifar" else (32, 7)
+        if self.genotype.space == "darts" and cfg.auxiliary and cfg.auxiliary_weight and -(-min(h, w) // shrink) < need:
+            raise ValueError(f"auxiliary: the auxiliary head needs features of at least {need}x{need} pixels, 1/{shrink} "
+                             f"of the image size, and these images are {h}x{w}; set auxiliary: false (images under "
+                             f"{shrink * (need - 1) + 1} px)")
         self.candidate = cfg.candidate_metrics(self.genotype)
         self.size = {"params": search_spaces.count_parameters(net),
                      "params_with_auxiliary": search_spaces.count_parameters(net, include_auxiliary=True),
@@ -410,12 +419,27 @@ class RetrainTrial(_Trial):
         self.opt = context.wrap_optimizer(torch.optim.SGD(
             net.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov))
-        self.lr_scheduler = context.wrap_lr_scheduler(
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.epochs, cfg.min_learning_rate),
-            step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
+        self.lr_scheduler = context.wrap_lr_scheduler(lr_schedule(self.opt, cfg),
+                                                      step_mode=LRScheduler.StepMode.STEP_EVERY_EPOCH)
+        # weight EMA (torch's AveragedModel, BatchNorm statistics averaged too), evaluated beside the raw weights
+        self.ema = None
+        if cfg.ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            self.ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True).eval()
 
     def build_callbacks(self) -> dict[str, det.pytorch.PyTorchCallback]:
         return self._callbacks()
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    def rank_counts(self) -> dict[str, int]:
+        return {"skipped_images": sum(int(d.skipped) for d in (self.data.train, self.data.val, self.data.test)
+                                      if hasattr(d, "skipped"))} if self.data_cfg.streamed else {}
 
     def current_genotype(self) -> str:
         return self.genotype.to_str()
@@ -433,10 +457,14 @@ class RetrainTrial(_Trial):
         return torch.autocast(self.context.device.type, dtype=self.autocast)
 
     def validation_sets(self) -> dict[str, tuple[Any, Any]]:
-        def forward(x):
+        def forward(x, net=self.net):
             with self._precision():
-                return self.net(x.contiguous(memory_format=self.memory_format))[0]
-        return {"val": (self.data.val, forward), "test": (self.data.test, forward)}
+                return net(x.contiguous(memory_format=self.memory_format))[0]
+        sets = {"val": (self.data.val, forward), "test": (self.data.test, forward)}
+        if self.ema is not None:
+            ema = functools.partial(forward, net=self.ema.module)
+            sets.update(val_ema=(self.data.val, ema), test_ema=(self.data.test, ema))
+        return sets
 
     def train_batch(self, batch: Any, epoch_idx: int, batch_idx: int) -> dict[str, Any]:
         self._begin_step()
@@ -447,9 +475,9 @@ class RetrainTrial(_Trial):
         with self._precision():
             logits, aux = self.model(x.contiguous(memory_format=self.memory_format))
         logits = logits.float()
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         if aux is not None and cfg.auxiliary_weight:
-            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux.float(), y)
+            loss = loss + cfg.auxiliary_weight * F.cross_entropy(aux.float(), y, label_smoothing=cfg.label_smoothing)
         if self.world > 1 and self.unused is None:
             # e.g. a cell with no edge from its first input: DDP (find_unused_parameters=False)
             # needs a gradient for every parameter; the set is fixed by the genotype
@@ -460,18 +488,43 @@ class RetrainTrial(_Trial):
         clip = cfg.grad_clip
         self.context.step_optimizer(
             self.opt, clip_grads=(lambda params: torch.nn.utils.clip_grad_norm_(params, clip)) if clip else None)
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         return self._end_step(torch.isfinite(loss.detach()), "the training loss",
                               {"loss": loss.detach(), "train_accuracy": (logits.argmax(-1) == y).float().mean()},
                               {"lr": self.opt.param_groups[0]["lr"], "drop_path_prob": self.net.drop_path_prob})
 
     def evaluate_full_dataset(self, data_loader: torch.utils.data.DataLoader) -> dict[str, Any]:
-        val, test = self.validation.measured["val"], self.validation.measured["test"]   # on every rank
-        metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_images": val["images"],
-                   "test_loss": test["loss"], "test_accuracy": test["accuracy"], **self.size,
-                   "genotype": self.genotype.to_str(),
-                   **self.candidate, **self.observer.cost.metrics(self.steps)}
+        measured = self.validation.measured       # on every rank
+        val, test = measured["val"], measured["test"]
+        metrics = {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_top5_accuracy": val["top5_accuracy"],
+                   "val_images": val["images"], "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                   "test_top5_accuracy": test["top5_accuracy"], **self.size, "genotype": self.genotype.to_str(),
+                   **self.candidate, **measured.get("counts", {}), **self.observer.cost.metrics(self.steps)}
+        for name in ("val_ema", "test_ema"):
+            if name in measured:
+                metrics.update({f"{name}_loss": measured[name]["loss"], f"{name}_accuracy": measured[name]["accuracy"],
+                                f"{name}_top5_accuracy": measured[name]["top5_accuracy"]})
         self.progress.validation(self.steps, metrics)
         return metrics
+
+
+def lr_schedule(opt: torch.optim.Optimizer, cfg: RetrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per epoch: ``warmup_epochs`` of linear warm-up (epoch e at (e + 1) / warmup of the rate),
+    then cosine or linear decay to ``min_learning_rate`` over the other epochs. Without warm-up,
+    cosine is torch's CosineAnnealingLR."""
+    lr, low, warm, epochs = cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_epochs, cfg.epochs
+    if not warm and cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, low)
+
+    def factor(epoch: int) -> float:
+        if epoch < warm:
+            return (epoch + 1) / warm
+        p = min((epoch - warm) / max(epochs - warm, 1), 1.0)
+        decayed = 0.5 * (1 + math.cos(math.pi * p)) if cfg.lr_schedule == "cosine" else 1.0 - p
+        return (low + (lr - low) * decayed) / lr
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def trial_class(hparams: dict[str, Any]) -> type[_Trial]:

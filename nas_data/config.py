@@ -11,10 +11,13 @@ from nas_settings import from_mapping
 from .pipeline import Augment, ImageDataset, PairedDataset, split_indices, subset_indices
 from .sources import DataError, ImageSet, load, stats_for
 
+STREAMED = ("imagenet_folder", "imagenet_shards")    # indexed, decoded per sample (nas_data/streaming.py)
+
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "cifar10"            # cifar10 | cifar100 | image_folder | imagenet16-120 | digits
+    dataset: str = "cifar10"            # cifar10 | cifar100 | image_folder | imagenet16-120 | digits, or streamed
+                                        # (retraining): imagenet_folder | imagenet_shards (nas_data/streaming.py)
     root: Optional[str] = None          # directory or .tar.gz; relative paths are from the working directory
     download: bool = False              # torchvision download (CIFAR only), where the network allows
     fallback: Optional[str] = None      # dataset to use (with a notice) when root does not exist, e.g. digits
@@ -26,6 +29,13 @@ class DataConfig:
     train_fraction: float = 0.5         # search: share of the training set for the weights (rest: architecture)
     val_fraction: float = 0.1           # retraining: share of the training set held out for model selection
     crop_padding: int = 4               # random-crop padding (0 disables cropping)
+    # streamed datasets (imagenet_folder, imagenet_shards): decoded per sample in the loader's workers
+    val_labels: Optional[str] = None    # a flat val/ folder: file of '<image> <class>' lines
+    crop_size: int = 224                # RandomResizedCrop (training) and center crop (evaluation) size
+    resize: int = 256                   # evaluation: shorter side resized to this, then center-cropped
+    color_jitter: float = 0.4           # brightness, contrast and saturation jitter (0 disables) ...
+    hue: float = 0.2                    # ... and hue (the DARTS ImageNet pipeline's 0.4 / 0.2)
+    skip_bad_images: bool = False       # a file that does not decode: stop (default) or skip and count it
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]]) -> "DataConfig":
@@ -36,6 +46,15 @@ class DataConfig:
             raise ValueError("data.train_fraction and data.val_fraction must be in (0, 1)")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.crop_size < 8 or self.resize < self.crop_size:
+            raise ValueError(f"data.crop_size must be >= 8 and data.resize >= crop_size, got {self.crop_size} and "
+                             f"{self.resize}")
+        if not (0 <= self.color_jitter and 0 <= self.hue <= 0.5):
+            raise ValueError("data.color_jitter must be >= 0 and data.hue in [0, 0.5]")
+
+    @property
+    def streamed(self) -> bool:
+        return self.dataset in STREAMED
 
     def resolved(self) -> "DataConfig":
         """Apply ``fallback`` when ``root`` is missing."""
@@ -78,6 +97,9 @@ def _shape(data: ImageSet) -> tuple[int, int, int]:
 def build_search_data(cfg: DataConfig, seed: int) -> SearchData:
     """The training split (or its seeded subset), cut into two seeded halves."""
     cfg = cfg.resolved()
+    if cfg.streamed:
+        raise DataError(f"data.dataset {cfg.dataset} is for retraining: search on CIFAR-10 (or a subset of this data "
+                        "as image_folder) and retrain the cell here")
     train = cfg.load("train")
     mean, std = stats_for(cfg.dataset, train)
     aug = Augment(mean, std, crop_padding=cfg.crop_padding)
@@ -94,6 +116,8 @@ def build_search_data(cfg: DataConfig, seed: int) -> SearchData:
 
 def build_retrain_data(cfg: DataConfig, seed: int, cutout: int) -> RetrainData:
     cfg = cfg.resolved()
+    if cfg.streamed:
+        return build_streamed_retrain_data(cfg, seed)
     train, test = cfg.load("train"), cfg.load("test")
     if train.classes != test.classes:
         raise DataError(f"train and test splits of {cfg.dataset} have different classes")
@@ -107,3 +131,34 @@ def build_retrain_data(cfg: DataConfig, seed: int, cutout: int) -> RetrainData:
         test=ImageDataset(test, test_idx, Augment(mean, std), augment=False, seed=seed),
         num_classes=len(train.classes), image_shape=_shape(train), classes=tuple(train.classes),
         mean=tuple(mean), std=tuple(std))
+
+
+def build_streamed_retrain_data(cfg: DataConfig, seed: int) -> RetrainData:
+    """ImageNet-scale retraining data: indexed, decoded per sample. ``val`` is a seeded
+    ``val_fraction`` of the training split (model selection, ASHA), ``test`` the dataset's own
+    val split (reported)."""
+    from .streaming import (IMAGENET_MEAN, IMAGENET_STD, StreamingImages, eval_transform, index_folder,
+                            index_shards, train_transform)
+
+    if not cfg.root:
+        raise DataError(f"data.dataset {cfg.dataset} needs data.root")
+    if cfg.dataset == "imagenet_folder":
+        train_index = index_folder(cfg.root, "train")
+        test_index = index_folder(cfg.root, "val", classes=train_index.classes, labels_file=cfg.val_labels)
+    else:
+        train_index = index_shards(cfg.root, "train")
+        test_index = index_shards(cfg.root, "val", num_classes=len(train_index.classes))
+    idx = subset_indices(len(train_index), cfg.subset, seed)
+    a, b = split_indices(len(idx), 1.0 - cfg.val_fraction, seed)
+    test_idx = subset_indices(len(test_index), cfg.test_subset, seed)
+    evaluate = eval_transform(cfg.resize, cfg.crop_size)
+
+    def images(index, transform, augment):
+        return StreamingImages(index, transform, augment, seed, IMAGENET_MEAN, IMAGENET_STD, cfg.skip_bad_images)
+
+    return RetrainData(
+        train=images(train_index.subset(idx[a]), train_transform(cfg.crop_size, cfg.color_jitter, cfg.hue), True),
+        val=images(train_index.subset(idx[b]), evaluate, False),
+        test=images(test_index.subset(test_idx), evaluate, False),
+        num_classes=len(train_index.classes), image_shape=(3, cfg.crop_size, cfg.crop_size),
+        classes=train_index.classes, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -111,15 +111,26 @@ class SearchConfig:
         return self.optimizer_args.get(self.optimizer, {})
 
 
-# Retraining defaults by search space: the DARTS CIFAR protocol and the NAS-Bench-201 one.
+# Retraining defaults: the DARTS CIFAR protocol, the DARTS-space ImageNet one (the mobile
+# setting as PC-DARTS and GAEA train it, and Determined's GAEA ImageNet example: batch 1024 at
+# lr 0.5, scaled linearly with the batch; 250 epochs, 5 of linear warm-up, then linear decay;
+# label smoothing 0.1; weight decay 3e-5), and the NAS-Bench-201 one.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "darts": dict(init_channels=36, layers=20, auxiliary=True, auxiliary_weight=0.4, drop_path_prob=0.2, cutout=16,
                   learning_rate=0.025, min_learning_rate=0.0, momentum=0.9, nesterov=False, weight_decay=3e-4,
-                  grad_clip=5.0, epochs=600),
+                  grad_clip=5.0, epochs=600, label_smoothing=0.0, warmup_epochs=0, lr_schedule="cosine",
+                  ema_decay=0.0),
+    "darts-imagenet": dict(init_channels=48, layers=14, auxiliary=True, auxiliary_weight=0.4, drop_path_prob=0.0,
+                           cutout=0, learning_rate=None, min_learning_rate=0.0, momentum=0.9, nesterov=False,
+                           weight_decay=3e-5, grad_clip=5.0, epochs=250, label_smoothing=0.1, warmup_epochs=5,
+                           lr_schedule="linear", ema_decay=0.0),
     "nas-bench-201": dict(init_channels=16, layers=5, auxiliary=False, auxiliary_weight=0.0, drop_path_prob=0.0,
                           cutout=0, learning_rate=0.1, min_learning_rate=0.0, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4, grad_clip=0.0, epochs=200),
+                          weight_decay=5e-4, grad_clip=0.0, epochs=200, label_smoothing=0.0, warmup_epochs=0,
+                          lr_schedule="cosine", ema_decay=0.0),
 }
+IMAGENET_LR_PER_1024 = 0.5      # darts-imagenet: learning_rate = 0.5 * global_batch_size / 1024 unless set
+LR_SCHEDULES = ("cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,11 @@ class RetrainConfig:
     compile: bool = False                      # torch.compile the network (same math)
     cudnn_benchmark: bool = False              # CUDA: cuDNN times its kernels and keeps the fastest (not bitwise
                                                # reproducible from run to run)
+    label_smoothing: Optional[float] = None    # of the training loss (torch's cross_entropy label_smoothing)
+    warmup_epochs: Optional[int] = None        # linear learning-rate warm-up, then lr_schedule's decay
+    lr_schedule: Optional[str] = None          # cosine | linear: decay to min_learning_rate over the other epochs
+    ema_decay: Optional[float] = None          # > 0: an exponential moving average of the weights
+                                               # (torch's AveragedModel), evaluated beside the raw weights
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> "RetrainConfig":
@@ -161,9 +177,11 @@ class RetrainConfig:
         return from_mapping(cls, hparams, "a retraining (hyperparameters)")
 
     def resolve(self, space: str) -> "RetrainConfig":
-        """Fill unset values from the protocol of ``space``."""
-        values = {k: (PROTOCOLS[space][k] if v is None and k in PROTOCOLS[space] else v)
-                  for k, v in self.__dict__.items()}
+        """Fill unset values from the protocol of ``space`` (and ``variant``)."""
+        protocol = PROTOCOLS["darts-imagenet" if space == "darts" and self.variant == "imagenet" else space]
+        values = {k: (protocol[k] if v is None and k in protocol else v) for k, v in self.__dict__.items()}
+        if values["learning_rate"] is None:
+            values["learning_rate"] = IMAGENET_LR_PER_1024 * self.global_batch_size / 1024
         values["space"] = space
         cfg = RetrainConfig(**values)
         if cfg.init_channels < 1 or cfg.layers < 1:
@@ -178,6 +196,13 @@ class RetrainConfig:
             raise ValueError(f"unknown precision {cfg.precision!r}; valid: {', '.join(PRECISIONS)}")
         if cfg.variant not in ("cifar", "imagenet"):
             raise ValueError(f"unknown variant {cfg.variant!r}; valid variants: cifar, imagenet")
+        if not 0.0 <= cfg.label_smoothing < 1.0 or not 0.0 <= cfg.ema_decay < 1.0:
+            raise ValueError(f"label_smoothing and ema_decay must be in [0, 1), got {cfg.label_smoothing} and "
+                             f"{cfg.ema_decay}")
+        if not 0 <= cfg.warmup_epochs < cfg.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs) = [0, {cfg.epochs}), got {cfg.warmup_epochs}")
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         if cfg.candidates is not None and not (isinstance(cfg.candidates, list) and all(
                 isinstance(c, dict) and isinstance(c.get("genotype"), str) for c in cfg.candidates)):
             raise ValueError("candidates must be a list of mappings with a 'genotype' string each, as "

@@ -425,5 +425,8 @@ def _is_collective_failure(e: BaseException) -> bool:
 
 def _fail(e: Any, code: int) -> int:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "\nOriginal Traceback" in str(e):       # raised in a DataLoader worker: its own message is the last line
+        last = str(e).strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
     print(f"error: {text}", file=sys.stderr, flush=True)
     return code

@@ -30,23 +30,27 @@ class BatchSums:
     loss: float         # summed cross-entropy over the batch
     correct: int
     count: int
+    correct5: int = 0   # the label among the 5 largest logits (all of them with fewer classes)
 
 
 def evaluate_batches(forward: Forward, loader, batch_ids, to_device: Callable) -> list[BatchSums]:
     """Per-batch sums over ``loader``, whose batches sit at ``batch_ids`` in the single-slot
     order. One host transfer at the end, none per batch."""
-    losses, correct, counts = [], [], []
+    losses, correct, correct5, counts = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             x, y = to_device(batch)
             logits = forward(x)
             losses.append(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct.append((logits.argmax(-1) == y).sum())
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices                  # (B, 5)
+            correct5.append((top5 == y[:, None]).any(-1).sum())
             counts.append(len(y))
     if not losses:
         return []
-    return [BatchSums(b, loss, c, n) for b, loss, c, n in
-            zip(batch_ids, torch.stack(losses).tolist(), torch.stack(correct).tolist(), counts)]
+    return [BatchSums(b, loss, c, n, c5) for b, loss, c, c5, n in
+            zip(batch_ids, torch.stack(losses).tolist(), torch.stack(correct).tolist(), torch.stack(correct5).tolist(),
+                counts)]
 
 
 def combine(shards: list[list[BatchSums]]) -> dict[str, float]:
@@ -58,7 +62,8 @@ def combine(shards: list[list[BatchSums]]) -> dict[str, float]:
     for b in batches:
         loss += b.loss
     total = sum(b.count for b in batches)
-    return {"loss": loss / total, "accuracy": sum(b.correct for b in batches) / total, "images": total}
+    return {"loss": loss / total, "accuracy": sum(b.correct for b in batches) / total,
+            "top5_accuracy": sum(b.correct5 for b in batches) / total, "images": total}
 
 
 class EveryRankValidation(det.pytorch.PyTorchCallback):
@@ -84,6 +89,9 @@ class EveryRankValidation(det.pytorch.PyTorchCallback):
             shards = dist.gather(mine)           # the chief gets every rank's list, the others None
             if shards is not None:
                 measured[name] = combine(shards)
+        counts = dist.gather(trial.rank_counts())   # e.g. images skipped by this rank's loader
+        if counts is not None:
+            measured["counts"] = {k: sum(c.get(k, 0) for c in counts) for k in sorted({k for c in counts for k in c})}
         if dist.get_rank() == 0:
             measured.update(trial.validate_on_chief())
             if trial.faults.nan("val_loss", trial.steps):

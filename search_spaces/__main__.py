@@ -32,16 +32,20 @@ def describe(args: argparse.Namespace) -> dict:
     if args.plot and os.path.splitext(args.plot)[1].lower() not in (".png", ".svg"):
         raise ValueError(f"--plot {args.plot!r}: the file name must end in .png or .svg")
     genotype = parse_genotype(args.genotype, args.space)
-    C_default, layers_default = DEFAULT_TARGETS[(genotype.space, "cifar")]
+    if (genotype.space, args.variant) not in DEFAULT_TARGETS:
+        raise ValueError(f"--variant {args.variant}: the {genotype.space} space has no such network")
+    C_default, layers_default = DEFAULT_TARGETS[(genotype.space, args.variant)]
     C = args.init_channels if args.init_channels is not None else C_default
     layers = args.layers if args.layers is not None else layers_default
     net = create_network(genotype, C=C, layers=layers, num_classes=args.classes,
-                         auxiliary=genotype.space == "darts")
+                         auxiliary=genotype.space == "darts", **({"variant": args.variant}
+                                                                  if genotype.space == "darts" else {}))
     params = count_parameters(net)
-    return {"space": genotype.space, "genotype": genotype.to_str(), "init_channels": C, "layers": layers,
-            "classes": args.classes, "params": params, "params_millions": round(params / 1e6, 3),
+    size = 224 if args.variant == "imagenet" else 32
+    return {"space": genotype.space, "genotype": genotype.to_str(), "variant": args.variant, "init_channels": C,
+            "layers": layers, "classes": args.classes, "params": params, "params_millions": round(params / 1e6, 3),
             "params_with_auxiliary": count_parameters(net, include_auxiliary=True),
-            "macs_32x32": count_macs(net, (1, 3, 32, 32))}
+            f"macs_{size}x{size}": count_macs(net, (1, 3, size, size))}
 
 
 def plot(genotype_spec: str, space: str | None, path: str) -> None:
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="cells (darts, default 20) or cells per stage (nas-bench-201, default 5)")
     p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--variant", choices=("cifar", "imagenet"), default="cifar",
+                   help="darts: the CIFAR network (32 px) or the ImageNet one (stride-4 stem, 224 px; default C 48, "
+                        "14 cells)")
     p.add_argument("--plot", default=None, metavar="FILE", help="draw the cells to FILE (.png or .svg)")
     q = sub.add_parser("lookup", help="the benchmark's accuracy of a NAS-Bench-201 cell")
     q.add_argument("cell", help="arch string (|nor_conv_3x3~0|+...), a genotype.json or a checkpoint directory")
