@@ -228,12 +228,15 @@ def test_two_searches_to_one_checked_yaml_that_retrains_each_candidate(tmp_path)
         assert f"candidate_seed {prov[i]['seed']}" in proc.stdout and "candidate_optimizer gaea" in proc.stdout
 
 
-def test_darts_candidates_yaml_passes_determineds_schemas(tmp_path):
+@pytest.mark.parametrize("base", [DARTS_BASE, ROOT / "experiments" / "retrain-darts-imagenet.yaml"],
+                         ids=["cifar", "imagenet"])
+def test_darts_candidates_yaml_passes_determineds_schemas(tmp_path, base):
+    """CIFAR-10 search cells into the CIFAR and the 8-GPU ImageNet retraining, unchanged."""
     fake_checkpoint(tmp_path, "r", "u1", parse_genotype("DARTS_V2").to_str(), step=10, accuracy=0.3)
     fake_checkpoint(tmp_path, "r", "u2", parse_genotype("PC_DARTS").to_str(), step=20, accuracy=0.5)
     fake_checkpoint(tmp_path, "r2", "u3", parse_genotype("PC_DARTS").canonical().to_str(), step=20, accuracy=0.4)
     out = tmp_path / "c.yaml"
-    proc = candidates_cli(str(tmp_path / "r"), str(tmp_path / "r2"), "--top", "3", "--base", str(DARTS_BASE),
+    proc = candidates_cli(str(tmp_path / "r"), str(tmp_path / "r2"), "--top", "3", "--base", str(base),
                           "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "only 2 distinct genotype(s) found" in proc.stdout

@@ -21,7 +21,8 @@ def test_there_are_the_expected_experiments():
     names = {p.stem for p in EXPERIMENTS}
     assert {"search-gaea-pcdarts-cifar10", "search-gaea-pcdarts-cifar10-distributed", "search-gaea-nb201-cifar10",
             "search-gaea-nb201-cifar100", "search-gaea-nb201-imagenet16", "ablation-nb201", "retrain-darts-cifar10",
-            "retrain-nb201", "retrain-darts-asha", "retrain-nb201-asha", "quickstart"} <= names
+            "retrain-nb201", "retrain-darts-asha", "retrain-nb201-asha", "quickstart", "retrain-darts-imagenet",
+            "search-gaea-pcdarts-budget-front"} <= names
 
 
 def test_configs_pass_determineds_own_schemas():
@@ -147,7 +148,7 @@ def test_trial_of_each_point_trains_one_batch(tmp_path, path, point):
     data = ["--set", "data.dataset=digits", "--set", f"data.subset={subset}", "--set", "data.test_subset=60",
             "--set", "data.num_workers=0"]
     if retrain and point.get("space") == "darts":
-        data += ["--set", "data.image_size=32"]
+        data += ["--set", f"data.image_size={224 if point.get('variant') == 'imagenet' else 32}"]
     proc = run_in_process(str(path), *_set_args(point), *data, "--max-batches", "1", "--output", str(tmp_path / "o"),
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
