@@ -92,7 +92,9 @@ class Deployable(nn.Module):
 
 
 # -- reading the source ------------------------------------------------------------------------
-def read_retrained(source: str) -> Retrained:
+def read_retrained(source: str, weights: str = "raw") -> Retrained:
+    """``weights``: ``raw`` (the trained weights) or ``ema`` (their moving average, when the
+    run kept one: ``ema_decay``)."""
     try:
         checkpoint, progress, note = find_checkpoint(source, what="SOURCE")
         state = load_checkpoint_state(checkpoint, what="SOURCE")
@@ -124,7 +126,15 @@ def read_retrained(source: str) -> Retrained:
     if not isinstance(models, list) or len(models) != 1:
         raise ExportError(f"SOURCE {checkpoint}: state_dict.pth holds no single network; export a retraining "
                           "checkpoint")
-    weights = {k.removeprefix("module."): v for k, v in models[0].items()
+    if weights == "ema":
+        ema = (((state.get("callbacks") or {}).get("nas_state") or {}).get("extra") or {}).get("ema")
+        if not isinstance(ema, dict):
+            raise ExportError(f"--weights ema: SOURCE {checkpoint} holds no weight EMA (its run had no ema_decay); "
+                              "export --weights raw")
+        chosen = {k: v for k, v in ema.items() if k != "n_averaged"}
+    else:
+        chosen = models[0]
+    weights = {k.removeprefix("module."): v for k, v in chosen.items()
                if not k.removeprefix("module.").startswith("auxiliary_head.")}
     history = ((state.get("callbacks") or {}).get("observe") or {}).get("history") or {}
     validations = [v for v in history.get("validation", []) if v.get("step", -1) <= progress["batches_trained"]]
@@ -293,8 +303,11 @@ def _sha256(path: Path) -> str:
 
 
 def export(source: str, fmt: str, output: str, overwrite: bool = False, normalize_inside: bool = False,
-           run_benchmark: bool = False, images: int = 256, data_root: Optional[str] = None) -> dict[str, Any]:
+           run_benchmark: bool = False, images: int = 256, data_root: Optional[str] = None,
+           weights: str = "raw") -> dict[str, Any]:
     """Export, verify and write; returns the metadata written to ``model.json``."""
+    if weights not in ("raw", "ema"):
+        raise ExportError(f"--weights must be raw or ema, got {weights!r}")
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if images < 1:
@@ -307,7 +320,7 @@ def export(source: str, fmt: str, output: str, overwrite: bool = False, normaliz
     parent = next(p for p in out.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"--output {output}: {parent} is not a writable directory")
-    r = read_retrained(source)
+    r = read_retrained(source, weights)
     x, y, data = held_out_images(r, data_root, images)
     c, h, w = data.image_shape
     net = build_network(r, data.num_classes)
@@ -334,7 +347,7 @@ def export(source: str, fmt: str, output: str, overwrite: bool = False, normaliz
             "network": {"variant": r.cfg.variant, "init_channels": r.cfg.init_channels, "layers": r.cfg.layers,
                         "params": search_spaces.count_parameters(net),
                         "macs": search_spaces.count_macs(net, (1, c, h, w))},
-            "provenance": {"checkpoint": str(r.checkpoint), "run": r.run, "step": r.steps,
+            "provenance": {"checkpoint": str(r.checkpoint), "run": r.run, "step": r.steps, "weights": weights,
                            "dataset": r.data.get("dataset"), "hyperparameters": r.hparams,
                            "validation": {k: r.validation[k] for k in ("step", "val_accuracy", "test_accuracy",
                                                                        "val_loss", "test_loss")
@@ -366,12 +379,14 @@ def main(argv: Sequence[str]) -> int:
                    help="the file takes images in [0, 1] and normalizes them itself")
     p.add_argument("--benchmark", action="store_true", help="time batch 1 and batch 64 on this machine")
     p.add_argument("--images", type=int, default=256, help="held-out images to verify on (default 256)")
+    p.add_argument("--weights", default="raw", help="raw (default) or ema: the weights' moving average, when the "
+                                                   "run kept one (ema_decay)")
     p.add_argument("--data-root", default=None, help="where the run's dataset is here, if not where the run read it")
     args = p.parse_args(argv)
     try:
         meta = export(args.source, args.format, args.output, overwrite=args.overwrite,
                       normalize_inside=args.normalize_inside, run_benchmark=args.benchmark, images=args.images,
-                      data_root=args.data_root)
+                      data_root=args.data_root, weights=args.weights)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

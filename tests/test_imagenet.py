@@ -165,6 +165,15 @@ def test_bad_images_can_be_skipped_and_counted(tmp_path, messy):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "skipped_images 2" in proc.stdout
     assert all(str(f) in proc.stderr for f in bad)
+    import contextlib
+    import io
+
+    from nas_trial.export import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):       # this run kept no weight EMA
+        assert main([str(tmp_path / "o"), "--format", "onnx", "--output", str(tmp_path / "x"), "--weights",
+                     "ema"]) == 2
+    assert err.getvalue().startswith("error: --weights ema:") and len(err.getvalue().splitlines()) == 1
 
 
 def test_loader_memory_does_not_grow_with_the_image_count(tmp_path, imagenet):
@@ -193,3 +202,23 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         assert proc.returncode == 0, proc.stderr[-2000:]
         rss[n] = int(proc.stdout.strip().splitlines()[-1])
     assert rss[2000] <= rss[200] * 1.05, rss
+
+
+@pytest.mark.slow
+def test_ema_weights_export_and_verify(tmp_path, imagenet):
+    """The EMA weights of a streamed ImageNet retraining export to ONNX and reproduce the
+    PyTorch network on held-out images; a run without EMA refuses --weights ema in one line."""
+    from nas_trial.export import main
+
+    root, _ = imagenet
+    cfg = write_config(tmp_path / "exp.yaml", _hp(epochs=1, warmup_epochs=0), _data(root, "folder"))
+    assert run_in_process(str(cfg), "--output", str(tmp_path / "o"), cwd=tmp_path).returncode == 0
+    import contextlib
+    import io
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(tmp_path / "o"), "--format", "onnx", "--output", str(tmp_path / "x"), "--weights", "ema",
+                     "--images", "16"]) == 0
+    meta = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert meta["provenance"]["weights"] == "ema" and meta["verification"]["max_abs_diff"] <= 1e-4
+    assert meta["input"]["shape"][1:] == [3, 96, 96] and len(meta["classes"]) == len(CLASSES)
