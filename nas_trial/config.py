@@ -164,7 +164,8 @@ class RetrainConfig:
     cudnn_benchmark: bool = False              # CUDA: cuDNN times its kernels and keeps the fastest (not bitwise
                                                # reproducible from run to run)
     label_smoothing: Optional[float] = None    # of the training loss (torch's cross_entropy label_smoothing)
-    warmup_epochs: Optional[int] = None        # linear learning-rate warm-up, then lr_schedule's decay
+    warmup_epochs: Optional[int] = None        # linear learning-rate warm-up, then lr_schedule's decay (unset: the
+                                               # protocol's, at most half of epochs)
     lr_schedule: Optional[str] = None          # cosine | linear: decay to min_learning_rate over the other epochs
     ema_decay: Optional[float] = None          # > 0: an exponential moving average of the weights
                                                # (torch's AveragedModel), evaluated beside the raw weights
@@ -182,6 +183,8 @@ class RetrainConfig:
         values = {k: (protocol[k] if v is None and k in protocol else v) for k, v in self.__dict__.items()}
         if values["learning_rate"] is None:
             values["learning_rate"] = IMAGENET_LR_PER_1024 * self.global_batch_size / 1024
+        if self.warmup_epochs is None and values["epochs"] is not None:     # a short run warms up half of it at most
+            values["warmup_epochs"] = min(values["warmup_epochs"], values["epochs"] // 2)
         values["space"] = space
         cfg = RetrainConfig(**values)
         if cfg.init_channels < 1 or cfg.layers < 1:

@@ -68,3 +68,14 @@ def write_config(path: Path, hparams: dict, data: dict, **extra) -> Path:
               "data": data, "hyperparameters": hparams, **extra}
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def straight_and_resumed(config: Path, cut: int, total: int, cwd: Path, *args: str) -> tuple[Path, Path]:
+    """Run ``config`` for ``total`` batches into ``cwd/a``, and for ``cut`` then resumed to
+    ``total`` into ``cwd/b`` (in this process); both runs' output directories."""
+    a, b = cwd / "a", cwd / "b"
+    for out, more in ((a, ["--max-batches", str(total)]), (b, ["--max-batches", str(cut)]),
+                      (b, ["--max-batches", str(total), "--resume", str(b)])):
+        proc = run_in_process(str(config), *more, "--output", str(out), *args, cwd=cwd)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return a, b

@@ -273,7 +273,7 @@ def test_cheapest_cell_is_named_when_the_target_is_too_low():
 def test_resumed_budgeted_search_equals_an_uninterrupted_one(tmp_path):
     """The multiplier is checkpointed: 3 batches, then 3 more from the checkpoint, end on the
     architecture weights, multiplier and cell of 6 straight batches."""
-    from tests.helpers import checkpoints
+    from tests.helpers import checkpoints, straight_and_resumed
 
     budget = {"metric": "params", "target": count_table(TargetNetwork.default("nas-bench-201"), "params")
               .cheapest()[0] * 2}
@@ -281,14 +281,8 @@ def test_resumed_budgeted_search_equals_an_uninterrupted_one(tmp_path):
                                                "space_args": {"C": 4, "layers": 1}, "optimizer": "gaea",
                                                "optimizer_args": {"gaea": {"lr": 5.0}}, "epochs": 2,
                                                "budget": budget}, {"dataset": "digits", "subset": 200})
-    common = ["--checkpoint-every", "3", "--validate-every", "3"]
-    assert run_in_process(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "a"), *common,
-                          cwd=tmp_path).returncode == 0
-    assert run_in_process(str(cfg), "--max-batches", "3", "--output", str(tmp_path / "b"), *common,
-                          cwd=tmp_path).returncode == 0
-    assert run_in_process(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "b"), "--resume",
-                          str(tmp_path / "b"), *common, cwd=tmp_path).returncode == 0
-    ga, gb = (json.loads((checkpoints(tmp_path / r)[6] / "genotype.json").read_text()) for r in "ab")
+    runs = straight_and_resumed(cfg, 3, 6, tmp_path, "--checkpoint-every", "3", "--validate-every", "3")
+    ga, gb = (json.loads((checkpoints(r)[6] / "genotype.json").read_text()) for r in runs)
     assert ga["arch_weights"] == gb["arch_weights"] and ga["budget"] == gb["budget"]
     assert ga["budget"]["multiplier"] > 0
 
@@ -304,6 +298,7 @@ def test_search_reports_the_budget_and_writes_it_to_the_genotype(tmp_path):
     assert record["metric"] == "macs" and record["target"] == target
     assert record["cell"] == table.cost(cell) == genotype_cost(table.network, cell, "macs")
     assert record["within"] == (record["cell"] <= target)
+    assert record["repaired"] == (record["rule_cell"] > target) and record["cell"] <= target
     assert "budget_cell" in proc.stdout and "budget_multiplier" in proc.stdout
 
 

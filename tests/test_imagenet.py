@@ -11,7 +11,8 @@ import torch
 
 from nas_data.sources import DataError
 from nas_data.streaming import StreamingImages, eval_transform, index_folder, index_shards, train_transform
-from tests.helpers import ROOT, checkpoints, load_state, run_in_process, run_model_def, write_config
+from tests.helpers import (ROOT, checkpoints, load_state, run_in_process, run_model_def, straight_and_resumed,
+                           write_config)
 from tests.imagenet_files import CLASSES, make_imagenet
 
 CROP = {"crop_size": 96, "resize": 110}       # the auxiliary head needs >= 193 px: left out at this size
@@ -77,18 +78,12 @@ def test_imagenet_retraining_trains_and_validates_with_top5_and_ema(tmp_path, im
 
 @pytest.mark.slow
 def test_imagenet_resume_mid_epoch_is_exact(tmp_path, imagenet):
-    """Cut at batch 5 of a 13-batch epoch, resumed to 16: the weights, EMA weights and
-    optimizer state equal 16 batches straight (single process, shards)."""
+    """Cut at batch 5 of a 13-batch epoch, resumed to 16: the weights and the EMA weights
+    equal 16 batches straight (single process, shards, a loader worker)."""
     root, _ = imagenet
     cfg = write_config(tmp_path / "exp.yaml", _hp(), _data(root, "shards", num_workers=1))
-    common = ["--checkpoint-every", "5", "--validate-every", "100"]
-    assert run_in_process(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "a"), *common,
-                          cwd=tmp_path).returncode == 0
-    assert run_in_process(str(cfg), "--max-batches", "5", "--output", str(tmp_path / "b"), *common,
-                          cwd=tmp_path).returncode == 0
-    assert run_in_process(str(cfg), "--max-batches", "16", "--output", str(tmp_path / "b"), "--resume",
-                          str(tmp_path / "b"), *common, cwd=tmp_path).returncode == 0
-    a, b = (load_state(checkpoints(tmp_path / r)[16]) for r in "ab")
+    runs = straight_and_resumed(cfg, 5, 16, tmp_path, "--checkpoint-every", "5", "--validate-every", "100")
+    a, b = (load_state(checkpoints(r)[16]) for r in runs)
     for k, v in a["models_state_dict"][0].items():
         assert torch.equal(v, b["models_state_dict"][0][k]), k
     ema_a, ema_b = (s["callbacks"]["nas_state"]["extra"]["ema"] for s in (a, b))
