@@ -9,9 +9,7 @@ from typing import Any, Mapping, Optional
 from nas_settings import from_mapping
 
 from .pipeline import Augment, ImageDataset, PairedDataset, split_indices, subset_indices
-from .sources import DataError, ImageSet, load, stats_for
-
-STREAMED = ("imagenet_folder", "imagenet_shards")    # indexed, decoded per sample (nas_data/streaming.py)
+from .sources import STREAMED, DataError, ImageSet, load, stats_for
 
 
 @dataclass(frozen=True)

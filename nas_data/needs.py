@@ -29,6 +29,8 @@ BY_DATASET: dict[str, dict[str, str]] = {
     "image_folder": {},
     "imagenet16-120": {},
     "digits": {"sklearn": "scikit-learn"},
+    "imagenet_folder": {},
+    "imagenet_shards": {},
 }
 # and by a NAS-Bench-201 search's benchmark file (hyperparameters.benchmark.file), by its kind
 # (search_spaces/nb201_benchmark.py tells them apart the same way; a CSV needs nothing)

@@ -52,15 +52,22 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return deco
 
 
+# retraining datasets indexed and decoded per sample (nas_data/streaming.py), not loaded here
+STREAMED = ("imagenet_folder", "imagenet_shards")
+
+
 def dataset_names() -> tuple[str, ...]:
-    return tuple(_LOADERS)
+    """Every dataset name ``data.dataset`` takes: the loaded ones and the streamed ones."""
+    return tuple(_LOADERS) + STREAMED
 
 
 def load(name: str, root: str | os.PathLike | None, split: str, *, download: bool = False,
          image_size: Optional[int] = None, cache_dir: str | os.PathLike | None = None) -> ImageSet:
     """Load ``split`` ('train' or 'test') of dataset ``name``, from the cache when possible."""
     if name not in _LOADERS:
-        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(_LOADERS)}")
+        if name in STREAMED:
+            raise DataError(f"data.dataset {name} is streamed: build it with nas_data.build_retrain_data")
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(dataset_names())}")
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if name != "digits" and not root:

@@ -66,9 +66,15 @@ def test_augmentation_is_a_function_of_seed_and_key(imagenet):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "shards"])
 def test_imagenet_retraining_trains_and_validates_with_top5_and_ema(tmp_path, imagenet, layout):
+    """Shards are decoded in two loader workers (in a process of its own: workers are torn
+    down with it)."""
     root, _ = imagenet
-    cfg = write_config(tmp_path / "exp.yaml", _hp(), _data(root, layout))
-    proc = run_in_process(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "o"), cwd=tmp_path)
+    workers = 2 if layout == "shards" else 0
+    cfg = write_config(tmp_path / "exp.yaml", _hp(), _data(root, layout, num_workers=workers))
+    if workers:
+        proc = run_model_def(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "o"))
+    else:
+        proc = run_in_process(str(cfg), "--max-batches", "6", "--output", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "val_top5_accuracy" in proc.stdout and "test_top5_accuracy" in proc.stdout
     assert "val_ema_accuracy" in proc.stdout and "test_ema_top5_accuracy" in proc.stdout
@@ -79,9 +85,9 @@ def test_imagenet_retraining_trains_and_validates_with_top5_and_ema(tmp_path, im
 @pytest.mark.slow
 def test_imagenet_resume_mid_epoch_is_exact(tmp_path, imagenet):
     """Cut at batch 5 of a 13-batch epoch, resumed to 16: the weights and the EMA weights
-    equal 16 batches straight (single process, shards, a loader worker)."""
+    equal 16 batches straight (single process, shards)."""
     root, _ = imagenet
-    cfg = write_config(tmp_path / "exp.yaml", _hp(), _data(root, "shards", num_workers=1))
+    cfg = write_config(tmp_path / "exp.yaml", _hp(), _data(root, "shards"))
     runs = straight_and_resumed(cfg, 5, 16, tmp_path, "--checkpoint-every", "5", "--validate-every", "100")
     a, b = (load_state(checkpoints(r)[16]) for r in runs)
     for k, v in a["models_state_dict"][0].items():
@@ -217,3 +223,29 @@ def test_ema_weights_export_and_verify(tmp_path, imagenet):
     meta = json.loads((tmp_path / "x" / "model.json").read_text())
     assert meta["provenance"]["weights"] == "ema" and meta["verification"]["max_abs_diff"] <= 1e-4
     assert meta["input"]["shape"][1:] == [3, 96, 96] and len(meta["classes"]) == len(CLASSES)
+
+
+def test_flat_val_folder_with_a_labels_file(tmp_path, imagenet):
+    """ImageNet's official val/ layout: images in one folder, classes from a file of
+    '<image> <class>' lines (Kaggle's CSV form, 'name,class extra', read the same)."""
+    import shutil
+
+    root, _ = imagenet
+    data = tmp_path / "inet"
+    shutil.copytree(root / "folder" / "train", data / "train")
+    (data / "val").mkdir()
+    lines = ["ImageId,PredictionString"]
+    for cls_dir in sorted((root / "folder" / "val").iterdir()):
+        for f in sorted(cls_dir.iterdir()):
+            shutil.copy(f, data / "val" / f.name)
+            lines.append(f"{f.stem},{cls_dir.name} 1 2 3 4")
+    (data / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    train = index_folder(data, "train")
+    val = index_folder(data, "val", classes=train.classes, labels_file="LOC_val_solution.csv")
+    nested = index_folder(root / "folder", "val", classes=train.classes)
+    assert len(val) == len(nested) == 8 * len(CLASSES)
+    assert sorted((val.name(i).split("/")[-1], int(val.labels[i])) for i in range(len(val))) == \
+        sorted((nested.name(i).split("/")[-1], int(nested.labels[i])) for i in range(len(nested)))
+    (data / "val" / "stray.JPEG").write_bytes(b"x")
+    with pytest.raises(DataError, match="stray.JPEG has no line in data.val_labels"):
+        index_folder(data, "val", classes=train.classes, labels_file="LOC_val_solution.csv")
