@@ -13,6 +13,7 @@ experiment's entrypoint). Local, no cluster: ``python model_def.py experiments/<
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import sys
@@ -176,6 +177,8 @@ class SearchTrial(_Trial):
             Benchmark(cfg.benchmark_settings).open()       # a missing or unreadable file: one line, before the run
         if cfg.budget_settings is not None:                # a bad table or target: one line, before the run
             b = cfg.budget_settings
+            if b.table is not None and not Path(b.table).is_absolute():   # from the project root, as the run reads it
+                b = dataclasses.replace(b, table=str(Path(__file__).resolve().parent / b.table))
             ops = search_spaces.get_space(cfg.space).ops
             if cfg.space_args.get("exclude_none"):
                 ops = tuple(op for op in ops if op != "none")

@@ -248,6 +248,10 @@ def run_local(args: argparse.Namespace, trial_class: Callable, argv: list[str]) 
     if isinstance(bench, dict) and isinstance(bench.get("file"), str) and \
             any(o.startswith("benchmark.file=") for o in args.overrides):
         bench["file"] = str(Path(bench["file"]).expanduser().resolve())     # relative to the caller's cwd
+    budget = config["hyperparameters"].get("budget")
+    if isinstance(budget, dict) and isinstance(budget.get("table"), str) and \
+            any(o.startswith("budget.table=") for o in args.overrides):
+        budget["table"] = str(Path(budget["table"]).expanduser().resolve())     # relative to the caller's cwd
     hparams = pick_hparams(config["hyperparameters"])
     trial_cls = trial_class(hparams)
     trial_cls.check_settings(hparams, data)       # one line for a bad setting, before anything starts
