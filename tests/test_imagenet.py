@@ -130,13 +130,14 @@ def messy(tmp_path, imagenet):
 
 @pytest.mark.parametrize("case,message", [
     ("corrupt", "does not decode as an image"),
+    ("corrupt_in_a_worker", "does not decode as an image"),
     ("empty_class", "is an empty class folder"),
     ("val_only_class", "are not in train/"),
     ("unlabelled_shard", "has images but no .cls labels"),
 ])
 def test_messy_data_is_one_line(tmp_path, messy, case, message):
     layout = "shards" if case == "unlabelled_shard" else "folder"
-    if case == "corrupt":
+    if case.startswith("corrupt"):
         bad = sorted((messy / "folder" / "train" / "bird").iterdir())[0]
         bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
         message = f"{bad} {message}"
@@ -150,8 +151,13 @@ def test_messy_data_is_one_line(tmp_path, messy, case, message):
         with tarfile.open(messy / "shards" / "train-000009.tar", "w") as tar:
             tar.add(next((messy / "folder" / "train" / "cat").iterdir()), arcname="lonely.jpg")
     hp = _hp(epochs=1, ema_decay=0.0, warmup_epochs=0)
-    cfg = write_config(tmp_path / "exp.yaml", hp, _data(messy, layout, subset=None if case == "corrupt" else 40))
-    proc = run_in_process(str(cfg), "--max-batches", "100", "--output", str(tmp_path / "o"), cwd=tmp_path)
+    workers = 1 if case == "corrupt_in_a_worker" else 0
+    cfg = write_config(tmp_path / "exp.yaml", hp, _data(messy, layout, subset=None if case.startswith("corrupt") else 40,
+                                                        num_workers=workers))
+    if workers:     # raised in the worker, re-raised by the DataLoader with its traceback: still one line
+        proc = run_model_def(str(cfg), "--max-batches", "100", "--output", str(tmp_path / "o"))
+    else:
+        proc = run_in_process(str(cfg), "--max-batches", "100", "--output", str(tmp_path / "o"), cwd=tmp_path)
     _one_line(proc, message)
 
 
