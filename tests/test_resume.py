@@ -230,7 +230,8 @@ def test_ctrl_c_under_torchrun_stops_both_ranks_at_one_checkpoint(tmp_path):
     said = [l for l in stderr.splitlines() if l.startswith("error:")]
     assert len(said) == 1 and "stopped by SIGINT at batch" in said[0], stderr[-3000:]
     stopped = int(re.search(r"at batch (\d+)", said[0]).group(1))
-    assert stopped % 10 == 0 and max(checkpoints(out)) == stopped      # (13: the end of epoch 1 validated)
+    # a reporting boundary: every 10 batches, and where a validation cuts a workload (each epoch of 12)
+    assert (stopped % 10 == 0 or stopped % 12 == 0) and max(checkpoints(out)) == stopped
     assert "--resume" in said[0] and 'model_def.py", line' not in stderr      # no traceback from a rank
 
 
