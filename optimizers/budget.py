@@ -32,6 +32,7 @@ import torch
 from nas_settings import check as _check
 from search_spaces import CellWeights
 from search_spaces.cost import METRICS, CostError, CostTable, TargetNetwork, count_table
+from search_spaces.genotypes import nb201_from_ops
 
 Weights = dict[str, CellWeights]
 
@@ -194,17 +195,7 @@ class CostBudget:
         if self.space == "darts":
             cell = {ct: tuple((op, j) for node in nodes for j, op in sorted(node.items())) for ct, nodes in cells.items()}
             return type(genotype)(cell["normal"], genotype.normal_concat, cell["reduce"], genotype.reduce_concat)
-        ops_per_edge = [node[0] for node in cells["normal"]]
-        nodes, e = [], 0
-        for i in range(1, 4):
-            nodes.append(tuple((ops_per_edge[e + j], j) for j in range(i)))
-            e += i
-        return type(genotype)(tuple(nodes))
-
-    def to(self, device: torch.device) -> "CostBudget":
-        self.costs = {ct: c.to(device) for ct, c in self.costs.items()}
-        self.multiplier = self.multiplier.to(device)
-        return self
+        return nb201_from_ops([node[0] for node in cells["normal"]])
 
     def _check(self, dist: Weights) -> None:
         for ct, cw in dist.items():

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .darts import DartsNetwork, edge_index
-from .genotypes import DartsGenotype, Genotype, NB201Genotype
+from .genotypes import DartsGenotype, Genotype, NB201Genotype, nb201_from_ops
 from .nb201 import EDGE_INPUTS, NB201Cell, NB201Network
 from .ops import DARTS_OPS, NB201_OPS, create_op
 from .profile import count_macs, count_parameters
@@ -186,12 +186,7 @@ class CostTable:
         allowed = [k for k, n in enumerate(names) if op_names is None or n in op_names]
         if self.network.space == "nas-bench-201":
             row = self.table["normal"]
-            best = [names[min(allowed, key=lambda k: row[e][k])] for e in range(len(row))]
-            nodes, e = [], 0
-            for i in range(1, 4):
-                nodes.append(tuple((best[e + j], j) for j in range(i)))
-                e += i
-            g: Genotype = NB201Genotype(tuple(nodes))
+            g: Genotype = nb201_from_ops([names[min(allowed, key=lambda k: row[e][k])] for e in range(len(row))])
             return self.cost(g), g
         usable = [k for k in allowed if names[k] != "none"]
         cells = {}

@@ -278,10 +278,14 @@ def derive_nb201(op_weights: Any, op_names: Sequence[str] = NB201_OPS) -> NB201G
     W = _as_rows(op_weights, len(op_names), "op_weights")
     if W.shape[0] != 6:
         raise GenotypeError(f"a NAS-Bench-201 cell has 6 edges, got {W.shape[0]} rows")
-    best = [op_names[int(k)] for k in W.argmax(axis=1)]
+    return nb201_from_ops([op_names[int(k)] for k in W.argmax(axis=1)])
+
+
+def nb201_from_ops(ops: Sequence[str]) -> NB201Genotype:
+    """The NAS-Bench-201 cell with ``ops`` on its 6 edges, in benchmark edge order."""
     nodes, e = [], 0
     for i in range(1, 4):
-        nodes.append(tuple((best[e + j], j) for j in range(i)))
+        nodes.append(tuple((ops[e + j], j) for j in range(i)))
         e += i
     return NB201Genotype(tuple(nodes))
 
